@@ -1,0 +1,1 @@
+"""deepkern microbenchmarks: `python -m deepkern.bench` (see bench/__main__.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from deepkern.bench.harness import main
+
+sys.exit(main())

@@ -1,0 +1,23 @@
+"""deepkern: fast GPU kernels for efficient transformers.
+
+Ops (each with backend="auto" | "cuda" | "triton" | "torch"):
+    layernorm_gelu   fused LayerNorm/RMSNorm + GELU, forward and backward
+
+`import deepkern` never fails because the compiled extension is missing; `has_cuda_ext()`
+says whether it loaded, and `python -m deepkern.info` says which backend serves what.
+"""
+
+__version__ = "0.1.0"
+
+from deepkern._backend import BackendUnavailableError
+from deepkern._ext import cuda_ext_error, has_cuda_ext
+from deepkern.ops.layernorm_gelu import layernorm_gelu
+from deepkern import nn  # noqa: E402  (modules need the ops above)
+
+__all__ = [
+    "BackendUnavailableError",
+    "cuda_ext_error",
+    "has_cuda_ext",
+    "layernorm_gelu",
+    "nn",
+]

@@ -1,0 +1,14 @@
+"""Op layer: validation, backend choice, custom-op registration (fake impls, autograd).
+
+Importing this package (done by `import deepkern`) registers the Triton ops and the fake
+implementations and autograd of the ops defined in deepkern._C (csrc/registration.cpp)."""
+
+from deepkern.ops.layernorm_gelu import layernorm_gelu
+
+# Ops whose schema lives in csrc/registration.cpp and that have a CUDA kernel; the build test
+# checks each is registered with a CUDA implementation when the extension is built.
+CUDA_OPS = ("layernorm_gelu_fwd", "layernorm_gelu_bwd")
+# Ops implemented with Triton kernels (torch.ops.deepkern_triton.*).
+TRITON_OPS = ("layernorm_gelu_fwd", "layernorm_gelu_bwd")
+
+__all__ = ["CUDA_OPS", "TRITON_OPS", "layernorm_gelu"]

@@ -1,0 +1,257 @@
+"""deepkern.layernorm_gelu: fused LayerNorm/RMSNorm + GELU with an optional residual add.
+
+Public function -> validation -> backend choice -> one of
+    torch.ops.deepkern.layernorm_gelu_fwd / _bwd          (CUDA, csrc/layernorm_gelu/)
+    torch.ops.deepkern_triton.layernorm_gelu_fwd / _bwd   (Triton, triton_kernels/layernorm_gelu.py)
+    deepkern.reference.layernorm_gelu_ref                 (torch)
+Both kernel backends share the op schema, the fake implementations and the autograd wiring
+below; the backward op is an op too, so torch.compile and CUDA graphs see the whole thing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepkern import _backend
+from deepkern._ext import has_cuda_ext
+from deepkern.reference.layernorm_gelu import layernorm_gelu_ref
+
+OP = "layernorm_gelu"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_APPROXIMATE = ("none", "tanh")
+_NORMS = ("layernorm", "rmsnorm")
+
+
+# ------------------------------------------------------------------------------------------
+# Triton custom ops (same schema as the C++ ones in csrc/registration.cpp)
+
+
+@torch.library.custom_op("deepkern_triton::layernorm_gelu_fwd", mutates_args=())
+def _triton_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    rmsnorm: bool,
+    tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_fwd(x, weight, bias, residual, eps, rmsnorm, tanh)
+
+
+@torch.library.custom_op("deepkern_triton::layernorm_gelu_bwd", mutates_args=())
+def _triton_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rmsnorm: bool,
+    tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh)
+
+
+def _fwd_fake(x, weight, bias, residual, eps, rmsnorm, tanh):
+    rows, n = x.shape
+    h_shape = (rows, n) if residual is not None else (0,)
+    return (
+        x.new_empty((rows, n)),
+        x.new_empty(h_shape),
+        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
+    )
+
+
+def _bwd_fake(dy, x, weight, bias, mean, rstd, rmsnorm, tanh):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty((0,))
+    db = torch.empty_like(bias) if bias is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, rmsnorm, tanh = inputs
+    _, h, mean, rstd = output
+    normalized = h if residual is not None else x
+    ctx.save_for_backward(normalized, weight, bias, mean, rstd)
+    ctx.flags = (rmsnorm, tanh, residual is not None)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dy, dh, _dmean, _drstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        rmsnorm, tanh, has_residual = ctx.flags
+        dx, dw, db = bwd_op(_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
+        if has_residual and dh is not None:
+            dx = dx + dh.reshape(dx.shape)
+        return (
+            dx,
+            dw if weight is not None else None,
+            db if bias is not None else None,
+            dx if has_residual else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+torch.library.register_fake("deepkern_triton::layernorm_gelu_fwd")(_fwd_fake)
+torch.library.register_fake("deepkern_triton::layernorm_gelu_bwd")(_bwd_fake)
+torch.library.register_autograd(
+    "deepkern_triton::layernorm_gelu_fwd",
+    _make_backward(torch.ops.deepkern_triton.layernorm_gelu_bwd),
+    setup_context=_setup_context,
+)
+if has_cuda_ext():
+    torch.library.register_fake("deepkern::layernorm_gelu_fwd")(_fwd_fake)
+    torch.library.register_fake("deepkern::layernorm_gelu_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "deepkern::layernorm_gelu_fwd",
+        _make_backward(torch.ops.deepkern.layernorm_gelu_bwd),
+        setup_context=_setup_context,
+    )
+
+
+def _fwd_op(backend: str):
+    if backend == "cuda":
+        return torch.ops.deepkern.layernorm_gelu_fwd
+    return torch.ops.deepkern_triton.layernorm_gelu_fwd
+
+
+# ------------------------------------------------------------------------------------------
+# Validation and backend choice
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D [rows, hidden] view with unit last stride and one row stride (copies only when
+    the layout has no such view, e.g. a transposed or expanded tensor)."""
+    n = t.shape[-1]
+    if t.dim() == 2 and t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= n):
+        return t
+    if t.stride(-1) == 1:
+        try:
+            v = t.view(-1, n)
+            if v.shape[0] <= 1 or v.stride(0) >= n:
+                return v
+        except RuntimeError:
+            pass
+    return t.reshape(-1, n).contiguous()
+
+
+def _check(x, weight, bias, eps, approximate, residual, norm):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layernorm_gelu: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"layernorm_gelu: x.dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("layernorm_gelu: x must have at least 1 dimension (the normalized one)")
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"layernorm_gelu: approximate={approximate!r}: expected 'none' or 'tanh'")
+    if norm not in _NORMS:
+        raise ValueError(f"layernorm_gelu: norm={norm!r}: expected 'layernorm' or 'rmsnorm'")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"layernorm_gelu: eps must be a number > 0, got {eps!r}")
+    n = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"layernorm_gelu: {name} must be a tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != (n,):
+            raise ValueError(
+                f"layernorm_gelu: {name}.shape must be ({n},) (x's last dim), got {tuple(p.shape)}"
+            )
+        if p.device != x.device:
+            raise ValueError(f"layernorm_gelu: {name} is on {p.device}, x on {x.device}")
+        if p.dtype not in (x.dtype, torch.float32):
+            raise TypeError(
+                f"layernorm_gelu: {name}.dtype must be x's dtype ({x.dtype}) or float32, got {p.dtype}"
+            )
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(
+            f"layernorm_gelu: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}"
+        )
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"layernorm_gelu: residual must be a tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"layernorm_gelu: residual.shape must equal x.shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+        if residual.dtype != x.dtype:
+            raise TypeError(f"layernorm_gelu: residual.dtype must be x's dtype ({x.dtype}), got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"layernorm_gelu: residual is on {residual.device}, x on {x.device}")
+
+
+def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str | None]:
+    reasons = _backend.device_reasons(device)
+    if n > 2**31 - 1:
+        reasons["cuda"] = reasons["triton"] = f"hidden size {n} exceeds 2**31 - 1"
+    return reasons
+
+
+def _auto_order(n: int) -> tuple[str, ...]:
+    # Measured on H100 (bench/results): see README's table; CUDA leads at every listed shape.
+    return ("cuda", "triton", "torch")
+
+
+def _availability(device: torch.device) -> dict[str, str | None]:
+    return _reasons(device, torch.bfloat16, 4096)
+
+
+_backend.register_op(OP, _availability)
+
+
+def layernorm_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    approximate: str = "none",
+    residual: torch.Tensor | None = None,
+    norm: str = "layernorm",
+    backend: str | None = None,
+):
+    """y = GELU(norm(h) * weight + bias) over the last dim, h = x (+ residual), in one pass.
+
+    Args:
+        x: [..., hidden], float32/float16/bfloat16. Any strides (copied only when the layout
+            has no [rows, hidden] view with unit last stride).
+        weight, bias: [hidden] in x's dtype or float32 (both the same dtype), or None.
+        eps: added to the variance (mean square for rmsnorm); > 0.
+        approximate: "none" (exact erf GELU) or "tanh".
+        residual: optional, x's shape and dtype; then h = x + residual is normalized and
+            returned too (rounded to x's dtype), so a pre-norm block keeps its residual stream.
+        norm: "layernorm" or "rmsnorm" (no mean subtraction).
+        backend: "auto" | "cuda" | "triton" | "torch" (None: $DEEPKERN_BACKEND or "auto").
+
+    Returns:
+        y with x's shape and dtype; (y, h) when residual is given. Differentiable in x,
+        weight, bias and residual; statistics and reductions run in fp32.
+    """
+    _check(x, weight, bias, eps, approximate, residual, norm)
+    n = x.shape[-1]
+    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, n), _auto_order(n))
+    if choice == "torch" or x.numel() == 0:
+        return layernorm_gelu_ref(x, weight, bias, eps, approximate, residual, norm)
+    shape = x.shape
+    y, h, _, _ = _fwd_op(choice)(
+        _rows(x),
+        weight.contiguous() if weight is not None else None,
+        bias.contiguous() if bias is not None else None,
+        _rows(residual) if residual is not None else None,
+        float(eps),
+        norm == "rmsnorm",
+        approximate == "tanh",
+    )
+    y = y.view(shape)
+    return y if residual is None else (y, h.view(shape))

@@ -1,0 +1,350 @@
+"""Triton kernels for fused LayerNorm/RMSNorm + GELU (forward and backward) and their launchers.
+
+Same contract as the CUDA op (csrc/layernorm_gelu/): x is 2-D [rows, hidden] with a unit last
+stride; outputs are contiguous; mean/rstd are fp32 [rows] (mean is 0 for rmsnorm).
+
+Paths:
+- rows up to MAX_ROW_BLOCK_FWD (bwd: MAX_ROW_BLOCK_BWD) elements: one program per row (forward)
+  or per group of rows (backward, persistent, weight-gradient sums kept in registers), the row
+  held as a single block.
+- longer rows: the forward loops over the row twice (statistics by Chan's merge of per-chunk
+  moments, then normalize+GELU, re-reading mostly from L2); the backward computes per-row
+  statistics first, then a column-tiled kernel writes dx and weight-gradient partials.
+dweight/dbias are fp32 per-program partials summed by _sum_partials in a fixed order, so they
+have the same bits run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW_BLOCK_FWD = 32768
+MAX_ROW_BLOCK_BWD = 16384
+LOOP_BLOCK = 4096  # chunk of the looped kernels
+TILE_COLS = 1024  # column tile of the looped backward
+
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+
+
+@triton.jit
+def _gelu(z, TANH: tl.constexpr):
+    if TANH:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 for large |u|. (Tensor operands
+        # come first in products with constexprs: `constexpr * tensor` breaks the Triton 3.8
+        # interpreter.)
+        u = (z + 0.044715 * z * z * z) * SQRT_2_OVER_PI
+        return 0.5 * z * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+    else:
+        return 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(z, TANH: tl.constexpr):
+    if TANH:
+        z2 = z * z
+        t = 1.0 - 2.0 / (tl.exp(z * (1.0 + 0.044715 * z2) * SQRT_2_OVER_PI * 2.0) + 1.0)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + 0.134145 * z2) * SQRT_2_OVER_PI
+    else:
+        return 0.5 * (1.0 + tl.math.erf(z * SQRT1_2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+
+
+@triton.jit
+def _affine_gelu(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr):
+    z = xhat
+    if HAS_W:
+        z = z * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        z = z + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return _gelu(z, TANH)
+
+
+@triton.jit
+def _fwd_row_kernel(
+    X, R, W, B, Y, H, Mean, Rstd,
+    N, stride_x, stride_r, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + row * N + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    if RMS:
+        xc = x
+        tl.store(Mean + row, 0.0)
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(Mean + row, mean)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    tl.store(Rstd + row, rstd)
+    y = _affine_gelu(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
+    tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_loop_kernel(
+    X, R, W, B, Y, H, Mean, Rstd,
+    N, stride_x, stride_r, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    h_row = H + row * N
+    # Pass 1: merge per-chunk (count, mean, M2) with Chan's formula (rmsnorm: sum of squares).
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x + r).to(H.dtype.element_ty)
+            tl.store(h_row + cols, h, mask=mask)
+            x = h.to(tl.float32)
+        n_chunk = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+        if RMS:
+            m2 += tl.sum(x * x, axis=0)
+        else:
+            c_mean = tl.sum(x, axis=0) / n_chunk
+            d = tl.where(mask, x - c_mean, 0.0)
+            c_m2 = tl.sum(d * d, axis=0)
+            total = count + n_chunk
+            delta = c_mean - mean
+            mean += delta * (n_chunk / total)
+            m2 += c_m2 + delta * delta * count * (n_chunk / total)
+        count += n_chunk
+    if RMS:
+        mean = 0.0
+    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+    # Pass 2: re-read (h when a residual was added; the chunks are likely still in L2).
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_RES:
+            x = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_rows_kernel(
+    DY, X, W, B, Mean, Rstd, DX, DWp, DBp,
+    n_rows, N, stride_dy, stride_x,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+        dz = dy * _gelu_grad(xhat * w + b, TANH)
+        dw += dz * xhat
+        db += dz
+        dxhat = dz * w
+        c2 = tl.sum(dxhat * xhat, axis=0) / N
+        if RMS:
+            dx = rstd * (dxhat - xhat * c2)
+        else:
+            c1 = tl.sum(dxhat, axis=0) / N
+            dx = rstd * (dxhat - c1 - xhat * c2)
+        tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DWp + pid * N + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DBp + pid * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _bwd_row_stats_kernel(
+    DY, X, W, B, Mean, Rstd, C1, C2,
+    N, stride_dy, stride_x,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    mean = tl.load(Mean + row)
+    rstd = tl.load(Rstd + row)
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        dxhat = dy * _gelu_grad(xhat * w + b, TANH) * w
+        s1 += dxhat
+        s2 += dxhat * xhat
+    tl.store(C1 + row, tl.sum(s1, axis=0) / N)
+    tl.store(C2 + row, tl.sum(s2, axis=0) / N)
+
+
+@triton.jit
+def _bwd_tiles_kernel(
+    DY, X, W, B, Mean, Rstd, C1, C2, DX, DWp, DBp,
+    n_rows, N, stride_dy, stride_x, rows_per_group,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = tl.program_id(1)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = group * rows_per_group
+    last = tl.minimum(first + rows_per_group, n_rows)
+    for row in range(first, last):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+        dz = dy * _gelu_grad(xhat * w + b, TANH)
+        dw += dz * xhat
+        db += dz
+        c1 = 0.0 if RMS else tl.load(C1 + row)
+        dx = rstd * (dz * w - c1 - xhat * tl.load(C2 + row))
+        tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DWp + group * N + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DBp + group * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(P, Out, n_parts, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_parts, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts[:, None] < n_parts) & (cols[None, :] < N)
+        acc += tl.load(P + parts[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _num_programs_per_device(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs exercise the grid-stride loops
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _row_warps(block_n: int) -> int:
+    return max(1, min(16, block_n // 512))
+
+
+def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool):
+    rows, n = x.shape
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((rows, n) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    mean = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, h, mean, rstd
+    dummy = x
+    args = (
+        x, residual if residual is not None else dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        y, h if residual is not None else dummy, mean, rstd,
+        n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+    )
+    flags = dict(
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+        RMS=rmsnorm, TANH=tanh,
+    )
+    block_n = triton.next_power_of_2(n)
+    if block_n <= MAX_ROW_BLOCK_FWD:
+        _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n, num_warps=_row_warps(block_n))
+    else:
+        _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=LOOP_BLOCK, num_warps=8)
+    return y, h, mean, rstd
+
+
+def _sum_partials(parts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    n_parts, n = parts.shape
+    out = torch.empty((n,), dtype=like.dtype, device=like.device)
+    block_n = 128
+    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+        parts, out, n_parts, n, BLOCK_P=32, BLOCK_N=block_n, num_warps=4
+    )
+    return out
+
+
+def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool):
+    rows, n = x.shape
+    dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+
+    def empty():  # distinct tensors: custom-op outputs must not alias each other
+        return torch.empty((0,), dtype=x.dtype, device=x.device)
+
+    if rows == 0:
+        dw = torch.zeros_like(weight) if weight is not None else empty()
+        db = torch.zeros_like(bias) if bias is not None else empty()
+        return dx, dw, db
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, RMS=rmsnorm, TANH=tanh)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    block_n = triton.next_power_of_2(n)
+    if block_n <= MAX_ROW_BLOCK_BWD:
+        # Persistent programs: two per SM for rows up to 8K elements, one beyond.
+        per_sm = 2 if block_n <= 8192 else 1
+        programs = min(rows, per_sm * _num_programs_per_device(x.device))
+        dwp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+        _bwd_rows_kernel[(programs,)](
+            dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0),
+            **flags, BLOCK_N=block_n, num_warps=_row_warps(block_n),
+        )
+    else:
+        stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
+        _bwd_row_stats_kernel[(rows,)](
+            dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0),
+            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, BLOCK_N=LOOP_BLOCK,
+            num_warps=8,
+        )
+        col_tiles = triton.cdiv(n, TILE_COLS)
+        groups = max(1, min(rows, 4 * _num_programs_per_device(x.device) // col_tiles))
+        rows_per_group = triton.cdiv(rows, groups)
+        groups = triton.cdiv(rows, rows_per_group)
+        dwp = torch.empty((groups, n), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((groups, n), dtype=torch.float32, device=x.device)
+        _bwd_tiles_kernel[(col_tiles, groups)](
+            dy, x, w, b, mean, rstd, stats[0], stats[1], dx, dwp, dbp,
+            rows, n, dy.stride(0), x.stride(0), rows_per_group,
+            **flags, BLOCK_N=TILE_COLS, num_warps=4,
+        )
+    dw = _sum_partials(dwp, weight) if weight is not None else empty()
+    db = _sum_partials(dbp, bias) if bias is not None else empty()
+    return dx, dw, db
