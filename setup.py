@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0;9.0"
@@ -179,15 +179,8 @@ setup(
         "deepkern.triton_kernels": "triton_kernels",
         "deepkern.bench": "bench",
     },
-    packages=[
-        "deepkern",
-        "deepkern.ops",
-        "deepkern.reference",
-        "deepkern.quant",
-        "deepkern.nn",
-        "deepkern.triton_kernels",
-        "deepkern.bench",
-    ],
+    packages=["deepkern", "deepkern.triton_kernels", "deepkern.bench"]
+    + ["deepkern." + p for p in find_packages(str(ROOT / "python" / "deepkern"))],
     package_data={"deepkern.bench": ["results/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
