@@ -19,7 +19,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/deepkern-site .whl/*.whl \
     && export PYTHONPATH=/tmp/deepkern-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export DEEPKERN_BUILD_CUDA=1 DEEPKERN_PTXAS_VERBOSE=1
@@ -32,18 +31,19 @@ fi
 echo "build: $((SECONDS - t0)) s"
 grep -E "spill (stores|loads)" "$OUT/build.log" | grep -v " 0 bytes spill" | sort | uniq -c | head -20
 
-$PY -m deepkern.info | tee "$OUT/info.txt"
+{ $PY -m deepkern.info; nvidia-smi; } > "$OUT/info.txt" 2>&1
+head -12 "$OUT/info.txt"
 
 t0=$SECONDS
-$PY -m pytest -q -ra --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+$PY -m pytest -q -ra > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -25 "$OUT/tests.log"
 echo "tests: rc=$TEST_RC in $((SECONDS - t0)) s"
 
 t0=$SECONDS
-$PY -m deepkern.bench "${BENCH_ARGS[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2> "$OUT/bench_progress.log"
+$PY -m deepkern.bench "${BENCH_ARGS[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
-cat "$OUT/bench.log"
+grep -v "^\[" "$OUT/bench.log"
 echo "bench: rc=$BENCH_RC in $((SECONDS - t0)) s"
 
 [ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICES
-from helpers import assert_close
+from helpers import REL_TOL, assert_close, rel_error
 
 import deepkern
 from deepkern.reference import layernorm_gelu_ref
@@ -133,12 +133,28 @@ def _check_backward(shape, dtype, device, backend, approximate="none", norm="lay
         torch.autograd.backward(list(ref), [dy.double(), dh.double()])
     else:
         ref.backward(dy.double())
+    # PyTorch's own error at the input precision (the reference run on the low-precision
+    # inputs, fp32 math): some gradients are ill-conditioned (e.g. hidden=1 rmsnorm, where dx
+    # is a difference of nearly equal terms), and no fp32 kernel can beat that. The bound is
+    # the per-dtype one or 4x PyTorch's own error, whichever is larger.
+    lp_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    it = iter(lp_leaves[1:])
+    lw = next(it) if w is not None else None
+    lb = next(it) if b is not None else None
+    lr = next(it) if r is not None else None
+    lp = layernorm_gelu_ref(lp_leaves[0], lw, lb, 1e-5, approximate, lr, norm)
+    if residual:
+        torch.autograd.backward(list(lp), [dy, dh])
+    else:
+        lp.backward(dy)
     names = ["dx", "dweight", "dbias", "dresidual"]
     present = [n for n, t in zip(names, (x, w, b, r)) if t is not None]
-    for name, g, rl, t in zip(present, grads, ref_leaves, leaves):
+    for name, g, rl, ll, t in zip(present, grads, ref_leaves, lp_leaves, leaves):
         assert g is not None, f"{name} is missing"
         assert g.dtype == t.dtype and g.shape == t.shape
-        assert_close(g, rl.grad, dtype, scale=2.0, what=name)
+        torch_err = rel_error(ll.grad, rl.grad)
+        scale = max(2.0, 4 * torch_err / REL_TOL[dtype])
+        assert_close(g, rl.grad, dtype, scale=scale, what=name)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

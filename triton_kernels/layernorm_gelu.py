@@ -265,7 +265,10 @@ def _row_warps(block_n: int) -> int:
     return max(1, min(16, block_n // 512))
 
 
-def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool):
+def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool,
+                       config: dict | None = None):
+    """`config` overrides the launch choices (num_warps, block) for tuning sweeps."""
+    config = config or {}
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     h = torch.empty((rows, n) if residual is not None else (0,), dtype=x.dtype, device=x.device)
@@ -285,10 +288,12 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
         RMS=rmsnorm, TANH=tanh,
     )
     block_n = triton.next_power_of_2(n)
-    if block_n <= MAX_ROW_BLOCK_FWD:
-        _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n, num_warps=_row_warps(block_n))
+    if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_FWD):
+        _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n,
+                                 num_warps=config.get("num_warps", _row_warps(block_n)))
     else:
-        _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=LOOP_BLOCK, num_warps=8)
+        _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=config.get("block", LOOP_BLOCK),
+                                  num_warps=config.get("num_warps", 8))
     return y, h, mean, rstd
 
 
@@ -302,7 +307,10 @@ def _sum_partials(parts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool):
+def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
+                       config: dict | None = None):
+    """`config` overrides the launch choices (num_warps, per_sm, block) for tuning sweeps."""
+    config = config or {}
     rows, n = x.shape
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
 
@@ -317,24 +325,25 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     block_n = triton.next_power_of_2(n)
-    if block_n <= MAX_ROW_BLOCK_BWD:
+    if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_BWD):
         # Persistent programs: two per SM for rows up to 8K elements, one beyond.
-        per_sm = 2 if block_n <= 8192 else 1
+        per_sm = config.get("per_sm", 2 if block_n <= 8192 else 1)
         programs = min(rows, per_sm * _num_programs_per_device(x.device))
         dwp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
         dbp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
         _bwd_rows_kernel[(programs,)](
             dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0),
-            **flags, BLOCK_N=block_n, num_warps=_row_warps(block_n),
+            **flags, BLOCK_N=block_n, num_warps=config.get("num_warps", _row_warps(block_n)),
         )
     else:
         stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
         _bwd_row_stats_kernel[(rows,)](
             dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0),
-            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, BLOCK_N=LOOP_BLOCK,
-            num_warps=8,
+            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh,
+            BLOCK_N=config.get("block", LOOP_BLOCK), num_warps=config.get("num_warps", 8),
         )
-        col_tiles = triton.cdiv(n, TILE_COLS)
+        tile_cols = config.get("tile_cols", TILE_COLS)
+        col_tiles = triton.cdiv(n, tile_cols)
         groups = max(1, min(rows, 4 * _num_programs_per_device(x.device) // col_tiles))
         rows_per_group = triton.cdiv(rows, groups)
         groups = triton.cdiv(rows, rows_per_group)
@@ -343,7 +352,7 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
         _bwd_tiles_kernel[(col_tiles, groups)](
             dy, x, w, b, mean, rstd, stats[0], stats[1], dx, dwp, dbp,
             rows, n, dy.stride(0), x.stride(0), rows_per_group,
-            **flags, BLOCK_N=TILE_COLS, num_warps=4,
+            **flags, BLOCK_N=tile_cols, num_warps=config.get("tile_warps", 4),
         )
     dw = _sum_partials(dwp, weight) if weight is not None else empty()
     db = _sum_partials(dbp, bias) if bias is not None else empty()

@@ -48,19 +48,15 @@ __device__ __forceinline__ void load_float(const T* __restrict__ p, float (&out)
   for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
 }
 
-// Same, but marks the lines evict-first: for data read exactly once (streaming inputs).
+// One pack of N elements, loaded evict-first (streaming data read exactly once).
 template <typename T, int N>
-__device__ __forceinline__ void load_float_stream(const T* __restrict__ p, float (&out)[N]) {
-  static_assert(sizeof(Pack<T, N>) == 16 || N == 1, "streaming loads are 16-byte or scalar");
-  Pack<T, N> pk;
+__device__ __forceinline__ Pack<T, N> ldcs_pack(const T* __restrict__ p) {
   if constexpr (sizeof(Pack<T, N>) == 16) {
     const int4 raw = __ldcs(reinterpret_cast<const int4*>(p));
-    pk = *reinterpret_cast<const Pack<T, N>*>(&raw);
+    return *reinterpret_cast<const Pack<T, N>*>(&raw);
   } else {
-    pk = *reinterpret_cast<const Pack<T, N>*>(p);
+    return *reinterpret_cast<const Pack<T, N>*>(p);
   }
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
 }
 
 // Narrows N fp32 values to T and stores them as one access.
@@ -113,6 +109,22 @@ __device__ __forceinline__ float group_sum(float v, int warps, float* scratch) {
   __syncthreads();
   float total = 0.f;
   for (int i = 0; i < warps; ++i) total += scratch[first + i];
+  return total;
+}
+
+// Two sums at once (one pair of barriers instead of two). scratch: __shared__ float[2][32].
+__device__ __forceinline__ float2 group_sum2(float2 v, int warps, float (*scratch)[32]) {
+  v.x = warp_sum(v.x);
+  v.y = warp_sum(v.y);
+  if (warps == 1) return v;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int first = warp - warp % warps;
+  __syncthreads();
+  if (lane == 0) scratch[0][warp] = v.x, scratch[1][warp] = v.y;
+  __syncthreads();
+  float2 total = make_float2(0.f, 0.f);
+  for (int i = 0; i < warps; ++i) total.x += scratch[0][first + i], total.y += scratch[1][first + i];
   return total;
 }
 

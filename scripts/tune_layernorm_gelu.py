@@ -1,0 +1,110 @@
+"""Launch-configuration sweep for layernorm_gelu on a GPU (dev tool, not part of the package).
+
+Times the CUDA kernels under each (iters, cluster) override (DEEPKERN_LNG_FWD/BWD) and the
+Triton launchers under config overrides, at the bench shapes, checking every output against
+the default configuration. Prints one table per shape; writes JSON with --json.
+
+    python scripts/tune_layernorm_gelu.py [--json PATH] [--shapes 16384x8192,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton.testing
+
+import deepkern  # noqa: F401  (registers the ops)
+from deepkern.triton_kernels import layernorm_gelu as tk
+
+SHAPES = [(16384, 8192), (32768, 5120), (8192, 12288), (65536, 1024), (4096, 65536)]
+CUDA_CONFIGS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def relerr(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--shapes")
+    args = ap.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    results = []
+    for rows, n in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 2 + 0.5
+        w = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.5
+        dy = torch.randn_like(x)
+        elems = rows * n * 2
+        fwd_floor = 2 * elems / 3.0e12 * 1e6
+        bwd_floor = 3 * elems / 3.0e12 * 1e6
+        print(f"\n== {rows}x{n} bf16: floors fwd {fwd_floor:.0f} us, bwd {bwd_floor:.0f} us (at 3.0 TB/s)")
+        os.environ.pop("DEEPKERN_LNG_FWD", None)
+        os.environ.pop("DEEPKERN_LNG_BWD", None)
+        cu = torch.ops.deepkern
+        y0, _, mean, rstd = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)
+        dx0, dw0, db0 = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
+
+        def record(kind, name, us, err):
+            floor = fwd_floor if kind == "fwd" else bwd_floor
+            results.append(dict(shape=f"{rows}x{n}", kind=kind, provider=name, us=round(us, 1),
+                                frac=round(floor / us, 3), err=err))
+            flag = "" if err < 1e-2 else "  <-- WRONG"
+            print(f"  {kind} {name:<28} {us:8.1f} us  {floor / us:5.0%} of copy  err {err:.1e}{flag}")
+
+        for iters, cluster in CUDA_CONFIGS:
+            os.environ["DEEPKERN_LNG_FWD"] = f"{iters},{cluster}"
+            os.environ["DEEPKERN_LNG_BWD"] = f"{iters},{cluster}"
+            try:
+                y = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)[0]
+                record("fwd", f"cuda i{iters} c{cluster}",
+                       bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)),
+                       relerr(y, y0))
+                dx, dw, _ = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
+                record("bwd", f"cuda i{iters} c{cluster}",
+                       bench(lambda: cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)),
+                       max(relerr(dx, dx0), relerr(dw, dw0)))
+            except Exception as exc:  # noqa: BLE001
+                print(f"  cuda i{iters} c{cluster}: {type(exc).__name__}: {str(exc)[:120]}")
+        os.environ.pop("DEEPKERN_LNG_FWD", None)
+        os.environ.pop("DEEPKERN_LNG_BWD", None)
+
+        for cfg in [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32}]:
+            try:
+                y = tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)[0]
+                record("fwd", f"triton {cfg}",
+                       bench(lambda: tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)),
+                       relerr(y, y0))
+            except Exception as exc:  # noqa: BLE001
+                print(f"  triton fwd {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+        for cfg in [{}, {"num_warps": 8, "per_sm": 1}, {"num_warps": 8, "per_sm": 2},
+                    {"num_warps": 16, "per_sm": 1}, {"num_warps": 16, "per_sm": 2},
+                    {"num_warps": 32, "per_sm": 1}, {"num_warps": 4, "per_sm": 4}]:
+            try:
+                dx, dw, _ = tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False, cfg)
+                record("bwd", f"triton {cfg}",
+                       bench(lambda: tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False, cfg)),
+                       max(relerr(dx, dx0), relerr(dw, dw0)))
+            except Exception as exc:  # noqa: BLE001
+                print(f"  triton bwd {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+        del x, dy
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
