@@ -1,0 +1,386 @@
+"""deepkern.int4_matmul: Triton kernels (every path: GEMV, split-K and tiled tensor-core,
+backward) against x @ w.dequantize().T in fp64, exact dequantization, gradients, opcheck,
+torch.compile, CUDA graphs and bad input.
+
+On a CPU-only machine the kernels run in the Triton interpreter on small shapes (fp16: the
+interpreter's bf16 tl.dot is broken); the `cuda` tests cover the issue's shapes and bf16."""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICES
+from helpers import assert_close
+
+import deepkern
+from deepkern.quant import quantize_int4
+from deepkern.reference import int4_matmul_ref
+from deepkern.triton_kernels import int4_matmul as kernels
+from deepkern.triton_kernels.int4_matmul import Config, config_override
+
+GEMV = Config("gemv", 1, 16, 64, 0)
+DOT = Config("dot", 16, 32, 64, 0)
+DOT_NOSPLIT = Config("dot", 16, 16, 32, 1)
+
+
+def _weight(n, k, group_size=64, symmetric=False, device="cpu", dtype=torch.float16):
+    w = (torch.randn(n, k) * 0.05 + 0.003).to(dtype)
+    return quantize_int4(w, group_size, symmetric).to(device)
+
+
+def _x(m, k, dtype, device, batch=()):
+    return (torch.randn(*batch, m, k) + 0.1).to(dtype).to(device)
+
+
+def _ref(x, w, bias=None):
+    """fp64 reference on the dequantized weight (rounded once to x's dtype, as the kernels)."""
+    wd = w.dequantize(x.dtype if x.dtype != torch.float32 else torch.float32).double()
+    y = x.double() @ wd.T
+    return y + bias.double() if bias is not None else y
+
+
+def _check(m, n, k, group_size=64, symmetric=False, dtype=torch.float16, device="cpu",
+           bias=False, config=None, backend="triton", batch=()):
+    w = _weight(n, k, group_size, symmetric, device)
+    x = _x(m, k, dtype, device, batch)
+    b = (torch.randn(n) * 0.1).to(dtype).to(device) if bias else None
+    if config is None:
+        y = deepkern.int4_matmul(x, w, b, backend=backend)
+    else:
+        with config_override(config):
+            y = deepkern.int4_matmul(x, w, b, backend=backend)
+    assert y.dtype == dtype and y.shape == (*batch, m, n)
+    assert_close(y, _ref(x, w, b), dtype, what=f"y M={m} N={n} K={k} g={group_size}")
+
+
+# ------------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("m", [1, 2, 13, 16, 17, 64, 300])
+def test_forward_batch_sizes(device, m):
+    _check(m, 40, 256, 64, device=device, bias=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_group_sizes(device, group_size, symmetric):
+    for m in (1, 5):  # GEMV (M=1) and the tensor-core path
+        _check(m, 24, 512, group_size, symmetric, device=device)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("config", [GEMV, DOT, DOT_NOSPLIT], ids=["gemv", "dot", "dot-nosplit"])
+@pytest.mark.parametrize("n, k, group_size", [(13, 320, 64), (7, 100, -1), (33, 96, 32)])
+def test_forward_odd_shapes_every_path(device, config, n, k, group_size):
+    """K not a multiple of the K tile (320 = 5 x 64), K % 8 != 0 (channelwise 100), groups
+    smaller than the K tile (g=32 < 64: per-word scales), ragged N, bias, a batch dim."""
+    _check(3, n, k, group_size, device=device, config=config, bias=True, batch=(2,))
+
+
+def test_dequantization_is_exact():
+    """Identity activations read the dense weight back: every kernel path builds exactly
+    Int4Weight.dequantize(x.dtype) (GEMV, per-tile and per-word scales, the dx kernel)."""
+    for group_size, k in ((32, 64), (64, 128), (-1, 36)):
+        for symmetric in (False, True):
+            w = _weight(24, k, group_size, symmetric)
+            dense = w.dequantize(torch.float16)
+            eye_k = torch.eye(k, dtype=torch.float16)
+            some = torch.randperm(k)[:8]  # GEMV runs one program row per x row: a sample
+            for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 16, 1), slice(None))):
+                y = kernels.int4_matmul_fwd(eye_k[rows], w.packed, w.scales, w.zeros, w.group_len, None, config)
+                assert torch.equal(y, dense.T[rows]), f"{config} g={group_size}"
+            dx = kernels.int4_matmul_dx(torch.eye(24, dtype=torch.float16), w.packed, w.scales,
+                                        w.zeros, w.group_len, k)
+            assert torch.equal(dx, dense)
+
+
+def test_split_k_is_deterministic_and_matches():
+    w = _weight(40, 512, 32)
+    x = _x(3, 512, torch.float16, "cpu")
+    with config_override(Config("dot", 16, 32, 64, 4)):
+        a = deepkern.int4_matmul(x, w, backend="triton")
+        b = deepkern.int4_matmul(x, w, backend="triton")
+    with config_override(Config("dot", 16, 32, 64, 1)):
+        c = deepkern.int4_matmul(x, w, backend="triton")
+    assert torch.equal(a, b)
+    assert_close(a, c.double(), torch.float16)
+
+
+def test_gemv_bf16_in_interpreter():
+    """The GEMV kernel has no tl.dot, so bf16 runs in the interpreter too (launcher direct)."""
+    w = _weight(40, 256, 64, dtype=torch.bfloat16)
+    x = _x(1, 256, torch.bfloat16, "cpu")
+    y = kernels.int4_matmul_fwd(x, w.packed, w.scales, w.zeros, w.group_len, None, GEMV)
+    assert_close(y, _ref(x, w), torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_non_contiguous_x_and_fp32_bias(device):
+    w = _weight(24, 128, 32, device=device)
+    base = _x(6, 160, torch.float16, device)
+    b = torch.randn(24).to(device)
+    for x in (base[:, 16:144], _x(128, 6, torch.float16, device).t(), base[::2, :128]):
+        y = deepkern.int4_matmul(x, w, b, backend="triton")
+        assert_close(y, _ref(x, w, b), torch.float16)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_empty_batch(device):
+    w = _weight(24, 128, 32, device=device)
+    for backend in ("triton", "torch"):
+        x = torch.randn(0, 128, dtype=torch.float16, device=device, requires_grad=True)
+        y = deepkern.int4_matmul(x, w, backend=backend)
+        assert y.shape == (0, 24)
+        y.sum().backward()
+        assert x.grad.shape == (0, 128)
+        assert deepkern.int4_matmul(torch.randn(2, 0, 128, dtype=torch.float16, device=device), w,
+                                    backend=backend).shape == (2, 0, 24)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_nan_propagates(device):
+    w = _weight(24, 128, 32, device=device)
+    for m, config in ((1, GEMV), (4, DOT)):
+        x = _x(m, 128, torch.float16, device)
+        x[m - 1, 5] = float("nan")
+        with config_override(config):
+            y = deepkern.int4_matmul(x, w, backend="triton")
+        assert torch.isnan(y[m - 1]).all()
+        if m > 1:
+            assert_close(y[: m - 1], _ref(x[: m - 1], w), torch.float16)
+
+
+def test_torch_backend_and_fp32():
+    w = _weight(24, 128, 64)
+    x = torch.randn(5, 128)
+    y = deepkern.int4_matmul(x, w)  # fp32: "auto" takes the reference
+    assert y.dtype == torch.float32
+    assert_close(y, _ref(x, w), torch.float32)
+    assert torch.equal(y, int4_matmul_ref(x, w))
+    xb = x.to(torch.bfloat16)  # the interpreter's bf16 tl.dot is broken: auto avoids it on CPU
+    assert_close(deepkern.int4_matmul(xb, w), _ref(xb, w), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# Backward
+
+
+def _check_backward(m, n, k, group_size, device, dtype=torch.float16, config=None):
+    w = _weight(n, k, group_size, device=device)
+    x = _x(m, k, dtype, device).requires_grad_(True)
+    b = (torch.randn(n) * 0.1).to(dtype).to(device).requires_grad_(True)
+    dy = torch.randn(m, n).to(dtype).to(device)
+    y = deepkern.int4_matmul(x, w, b, backend="triton")
+    y.backward(dy)
+    wd = w.dequantize(dtype).double()
+    assert x.grad.dtype == dtype and b.grad.dtype == dtype
+    assert_close(x.grad, dy.double() @ wd, dtype, what="dx")
+    assert_close(b.grad, dy.double().sum(0), dtype, what="dbias")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("m, n, k, group_size", [(1, 40, 256, 64), (17, 33, 320, 32), (5, 24, 100, -1)])
+def test_backward(device, m, n, k, group_size):
+    _check_backward(m, n, k, group_size, device)
+
+
+def test_expanded_gradient_and_x_only():
+    w = _weight(24, 128, 32)
+    x = _x(4, 128, torch.float16, "cpu").requires_grad_(True)
+    deepkern.int4_matmul(x, w, backend="triton").sum().backward()  # stride-0 dy
+    assert_close(x.grad, torch.ones(4, 24, dtype=torch.float64) @ w.dequantize().double(), torch.float16)
+
+
+def test_weight_is_frozen():
+    w = _weight(24, 128, 32)
+    x = _x(2, 128, torch.float16, "cpu")
+    w.scales.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="Int4Weight is frozen"):
+        deepkern.int4_matmul(x, w, backend="triton")
+    with torch.no_grad():
+        deepkern.int4_matmul(x, w, backend="triton")  # no graph, no gradient asked: fine
+    y = torch.ops.deepkern_triton.int4_matmul(x, w.packed, w.scales, w.zeros, w.group_len, None)
+    with pytest.raises(RuntimeError, match="Int4Weight is frozen"):
+        y.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------
+# opcheck, torch.compile, CUDA graphs
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck(device, symmetric):
+    w = _weight(24, 128, 32, symmetric, device=device)
+    for m, bias in ((1, True), (20, False)):
+        x = _x(m, 128, torch.float16, device).requires_grad_(True)
+        b = torch.randn(24, dtype=torch.float16, device=device, requires_grad=True) if bias else None
+        torch.library.opcheck(torch.ops.deepkern_triton.int4_matmul.default,
+                              (x, w.packed, w.scales, w.zeros, w.group_len, b))
+        dy = torch.randn(m, 24, dtype=torch.float16, device=device)
+        torch.library.opcheck(torch.ops.deepkern_triton.int4_matmul_bwd.default,
+                              (dy, w.packed, w.scales, w.zeros, w.group_len, 128))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    lin = deepkern.nn.Int4Linear(128, 64, group_size=32, device=device, backend="triton")
+    w = _weight(24, 64, 32, symmetric=True, device=device)
+
+    def fn(x):
+        h = torch.nn.functional.gelu(lin(x))
+        return deepkern.int4_matmul(h, w, backend="triton").float().square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x = _x(6, 128, torch.float16, device).requires_grad_(True)
+    out = compiled(x)
+    out.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = fn(x2)
+    ref.backward()
+    assert_close(out, ref.double(), torch.float16)
+    assert_close(x.grad, x2.grad.double(), torch.float16)
+    assert_close(lin.bias.grad, lin.bias.grad.double(), torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    w = _weight(4096, 4096, 128, device="cuda")
+    b = torch.randn(4096, dtype=torch.float16, device="cuda")
+    for m in (1, 16, 300):
+        x = _x(m, 4096, torch.float16, "cuda")
+        deepkern.int4_matmul(x, w, b, backend="triton")  # warm up (compile)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = deepkern.int4_matmul(x, w, b, backend="triton")
+        x.copy_(_x(m, 4096, torch.float16, "cuda"))  # new data, same buffers
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(y, _ref(x, w, b), torch.float16)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU shapes (the issue's), bf16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 13, 16, 17, 64, 300, 1024])
+def test_forward_gpu_batch_sizes(dtype, m):
+    _check(m, 4096, 4096, 128, dtype=dtype, device="cuda", bias=True)
+    _check(m, 13, 10944, 64, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_gpu_group_sizes(dtype, group_size, symmetric):
+    for m in (1, 16, 100):
+        _check(m, 1000, 7392 if group_size in (32, -1) else 11008 if group_size == 128 else 4096,
+               group_size, symmetric, dtype=dtype, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [GEMV, DOT, DOT_NOSPLIT, Config("dot", 64, 64, 128, 3),
+                                    Config("gemv", 1, 64, 512, 0, num_warps=8)], ids=str)
+def test_forward_gpu_every_config(config):
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(7, 77, 10944, 64, dtype=dtype, device="cuda", config=config, bias=True)
+        _check(7, 50, 1000, -1, dtype=dtype, device="cuda", config=config)
+
+
+@pytest.mark.cuda
+def test_forward_gpu_table_configs():
+    """Every row of the table for this GPU at the bench shape (8192x8192)."""
+    kind, _ = kernels.device_facts(torch.device("cuda"))
+    rows = kernels.CONFIGS.get(kind, kernels.CONFIGS["default"])
+    for max_m, _, _, config in rows:
+        m = min(max_m, 2048)
+        with config_override(config):
+            _check(m, 8192, 8192, 128, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.cuda
+def test_dequantization_is_exact_gpu():
+    for dtype in (torch.float16, torch.bfloat16):
+        for group_size in (32, 128, -1):
+            w = _weight(96, 512, group_size, device="cuda")
+            dense = w.dequantize(dtype)
+            for config in (GEMV, DOT, Config("dot", 128, 128, 64, 1, num_warps=8)):
+                y = kernels.int4_matmul_fwd(torch.eye(512, dtype=dtype, device="cuda"), w.packed,
+                                            w.scales, w.zeros, w.group_len, None, config)
+                assert torch.equal(y, dense.T), f"{config} {dtype} g={group_size}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k, group_size", [(1, 4096, 4096, 128), (300, 13, 10944, 64),
+                                                 (1024, 4096, 4096, -1), (17, 1000, 7392, 32)])
+def test_backward_gpu(dtype, m, n, k, group_size):
+    _check_backward(m, n, k, group_size, "cuda", dtype)
+
+
+@pytest.mark.cuda
+def test_gpu_deterministic():
+    w = _weight(8192, 8192, 128, device="cuda")
+    for m in (1, 16, 64):
+        x = _x(m, 8192, torch.bfloat16, "cuda")
+        a = deepkern.int4_matmul(x, w, backend="triton")
+        assert torch.equal(a, deepkern.int4_matmul(x, w, backend="triton"))
+
+
+@pytest.mark.cuda
+def test_module_gpu_auto():
+    lin = torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    mod = deepkern.nn.Int4Linear.from_linear(lin, group_size=128)
+    x = _x(8, 4096, torch.bfloat16, "cuda")
+    assert_close(mod(x), _ref(x, mod.weight, lin.bias), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda w: (torch.randn(2, 128).int(), w), TypeError, "x.dtype must be float16 or bfloat16"),
+        (lambda w: (torch.randn(2, 128).double(), w), TypeError, "x.dtype must be"),
+        (lambda w: (torch.randn(2, 96).half(), w), ValueError, r"x.shape\[-1\] must equal the weight's K=128"),
+        (lambda w: (torch.tensor(1.0).half(), w), ValueError, r"x.shape\[-1\] must equal"),
+        (lambda w: ([1.0], w), TypeError, "x must be a torch.Tensor"),
+        (lambda w: (torch.randn(2, 128).half(), w.dequantize()), TypeError, "w must be a deepkern.quant.Int4Weight"),
+        (lambda w: (torch.randn(2, 128).half(), w, torch.randn(23).half()), ValueError, r"bias.shape must be \(24,\)"),
+        (lambda w: (torch.randn(2, 128).half(), w, torch.randn(24).double()), TypeError, "bias.dtype"),
+        (lambda w: (torch.randn(2, 128).half(), w, None, "cudnn"), ValueError, "backend='cudnn'"),
+    ],
+)
+def test_bad_input(make, exc, match):
+    w = _weight(24, 128, 32)
+    with pytest.raises(exc, match=match):
+        deepkern.int4_matmul(*make(w))
+
+
+def test_backend_refusals():
+    w = _weight(24, 128, 32)
+    with pytest.raises(deepkern.BackendUnavailableError, match=r"not implemented yet \(issue 6\)"):
+        deepkern.int4_matmul(torch.randn(2, 128).half(), w, backend="cuda")
+    with pytest.raises(deepkern.BackendUnavailableError, match="float32 runs on backend='torch'"):
+        deepkern.int4_matmul(torch.randn(2, 128), w, backend="triton")
+    with pytest.raises(ValueError, match="power of two"):
+        with config_override(Config("dot", 16, 48, 64)):
+            pass
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    w = _weight(24, 128, 32)
+    with pytest.raises(ValueError, match="x is on cuda:0, the Int4Weight on cpu"):
+        deepkern.int4_matmul(torch.randn(2, 128, device="cuda", dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="bias is on cpu"):
+        deepkern.int4_matmul(torch.randn(2, 128, device="cuda", dtype=torch.float16), w.cuda(),
+                             torch.randn(24, dtype=torch.float16))

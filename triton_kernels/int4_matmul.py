@@ -1,0 +1,424 @@
+"""Triton kernels for the INT4 group-dequant GEMM (W4A16), their launchers and the config table.
+
+Contract (ops/int4_matmul.py validates before calling): x [M, K] fp16/bf16 with unit last
+stride; packed int32 [N, ceil(K/8)], scales [G, N], zeros uint8 [G, N] or None (symmetric:
+zero point 8), all contiguous (format: deepkern/quant/int4.py); `group` = consecutive K per
+group (K for channelwise); bias [N] or None. Output y [M, N] in x's dtype, fp32 accumulation.
+
+Kernels:
+- _gemv_kernel (small M, default M == 1): FMA units only. Each program streams a
+  [BLOCK_N, BLOCK_K] slab of the weight; the K range is split over programs (split-K) so that
+  every SM streams. Per element it only unpacks the code (shift, mask, magic-number float) and
+  accumulates q*x; the zero point and scale are applied once per 8-code word in fp32:
+      sum_k x_k (q_k - z) s = s * (sum_k q_k x_k - z * sum_k x_k)
+  so w is never rounded to x's dtype here (more accurate than the reference by that rounding).
+- _dot_kernel (larger M): tensor-core tiles (tl.dot) with the weight tile dequantized in
+  registers, bit-identical to Int4Weight.dequantize(x.dtype); split-K for small M too.
+- _dx_kernel (backward): dx = dy @ W, same dequantized tiles, untransposed.
+Split-K programs write fp32 partials [splits, M, N] that _splitk_reduce_kernel sums in a fixed
+order (no atomics), then adds the bias: results are bit-identical run to run.
+
+Unpacking: code i of a word is (word >> 4i) & 0xF; OR-ing 0x4B000000 into it gives the fp32
+2^23 + q exactly (no int->float conversion instruction, which runs at 1/4 rate), and
+(2^23 + q) - (2^23 + z) = q - z exactly.
+
+Config: CONFIGS[gpu kind] is a list of (max M, max N, max K, Config) rows; the first row that
+fits the call wins. Kinds are "sm90" etc. from the device capability, "cpu" for the Triton
+interpreter, "default" otherwise. No autotuning: a call never times anything. For a tuning
+sweep, `with config_override(Config(...)):` forces one config (eager calls only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAGIC = tl.constexpr(0x4B000000)  # float bits of 2^23
+MAGIC_F = tl.constexpr(8388608.0)  # 2^23
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    kernel: str  # "gemv" or "dot"
+    block_m: int  # dot only (gemv programs take one row each)
+    block_n: int
+    block_k: int  # multiple of 8 (gemv), of 16 (dot); power of two
+    split_k: int = 0  # 0: enough K splits to give each SM `waves` programs; 1: no split
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8  # dot: programs sharing weight columns run close in time (L2 reuse)
+    waves: int = 2  # programs per SM that split_k=0 aims for
+
+
+_BIG = 1 << 62
+# Plausible H100 defaults, to be replaced by measured ones (bench/int4_matmul.py). The weight
+# streams once per BLOCK_M rows of x, so small M wants narrow tiles and many K splits, large M
+# the largest tiles that keep the tensor cores fed.
+CONFIGS: dict[str, list[tuple[int, int, int, Config]]] = {
+    "sm90": [
+        (1, _BIG, _BIG, Config("gemv", 1, 32, 256, 0, num_warps=4, num_stages=4, waves=4)),
+        (16, _BIG, _BIG, Config("dot", 16, 64, 128, 0, num_warps=4, num_stages=4, waves=3)),
+        (64, _BIG, _BIG, Config("dot", 64, 64, 128, 0, num_warps=4, num_stages=4, waves=2)),
+        (256, _BIG, _BIG, Config("dot", 64, 128, 64, 0, num_warps=4, num_stages=4, waves=2)),
+        (_BIG, _BIG, _BIG, Config("dot", 128, 128, 64, 1, num_warps=8, num_stages=3)),
+    ],
+    "default": [
+        (1, _BIG, _BIG, Config("gemv", 1, 32, 256, 0, num_warps=4, num_stages=3, waves=4)),
+        (16, _BIG, _BIG, Config("dot", 16, 64, 64, 0, num_warps=4, num_stages=3, waves=3)),
+        (128, _BIG, _BIG, Config("dot", 64, 64, 64, 0, num_warps=4, num_stages=3, waves=2)),
+        (_BIG, _BIG, _BIG, Config("dot", 128, 128, 32, 1, num_warps=8, num_stages=3)),
+    ],
+    # Triton interpreter (CPU tests): small blocks so masks, several programs and split-K
+    # are all exercised on small shapes.
+    "cpu": [
+        (1, _BIG, _BIG, Config("gemv", 1, 16, 64, 0, waves=2)),
+        (_BIG, _BIG, _BIG, Config("dot", 16, 32, 64, 0, waves=2)),
+    ],
+}
+# Backward (dx = dy @ W): one tile config per kind; the reduction runs over N.
+DX_CONFIGS: dict[str, Config] = {
+    "sm90": Config("dot", 64, 64, 64, 1, num_warps=4, num_stages=4),
+    "default": Config("dot", 64, 64, 64, 1, num_warps=4, num_stages=3),
+    "cpu": Config("dot", 16, 32, 32, 1),
+}
+
+_OVERRIDE: list[Config] = []
+
+
+@contextlib.contextmanager
+def config_override(config: Config):
+    """Forces `config` on every forward call inside the block (tuning sweeps; eager only)."""
+    _check_config(config)
+    _OVERRIDE.append(config)
+    try:
+        yield config
+    finally:
+        _OVERRIDE.pop()
+
+
+def _check_config(c: Config) -> None:
+    if c.kernel not in ("gemv", "dot"):
+        raise ValueError(f"Config.kernel must be 'gemv' or 'dot', got {c.kernel!r}")
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(c, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"Config.{name} must be a power of two, got {v}")
+    if c.block_k < (8 if c.kernel == "gemv" else 16) or (c.kernel == "dot" and min(c.block_m, c.block_n) < 16):
+        raise ValueError(f"Config {c}: blocks too small (gemv: block_k >= 8; dot: all >= 16)")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return f"sm{props.major}{props.minor}", props.multi_processor_count
+
+
+def device_facts(device: torch.device) -> tuple[str, int]:
+    """(kind, number of SMs): kind keys CONFIGS ("sm90", ...; "cpu" for the interpreter)."""
+    if device.type != "cuda":
+        return "cpu", 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_facts(index)
+
+
+def select_config(device: torch.device, m: int, n: int, k: int) -> Config:
+    """The config a forward call of this shape uses (the override, else the table)."""
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
+    kind, _ = device_facts(device)
+    rows = CONFIGS.get(kind, CONFIGS["default"])
+    for max_m, max_n, max_k, config in rows:
+        if m <= max_m and n <= max_n and k <= max_k:
+            return config
+    return rows[-1][3]
+
+
+def _split_k(config: Config, tiles: int, k: int, sms: int) -> tuple[int, int]:
+    """(splits, K per split): K per split is a multiple of block_k, every split non-empty."""
+    k_tiles = triton.cdiv(k, config.block_k)
+    if config.split_k == 0:
+        want = max(1, triton.cdiv(config.waves * sms, tiles))
+        split = min(want, max(1, k_tiles // 2))  # at least two K tiles per split
+    else:
+        split = min(config.split_k, k_tiles)
+    per_split = triton.cdiv(k_tiles, split)
+    return triton.cdiv(k_tiles, per_split), per_split * config.block_k
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _unpack_magic(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 words [ROWS, COLS] -> fp32 [ROWS, 8*COLS], element 8c+i = 2^23 + code i of word c.
+    Three join+reshape steps (shift by 16, 8, 4; mask only at the end: 15 integer ops per word)
+    keep a word's codes in the thread that loaded it; a broadcast [.., .., 8] shift instead
+    spreads them over lanes and the per-word sum becomes warp shuffles (2x the instructions)."""
+    v = tl.reshape(tl.join(words, words >> 16), [ROWS, COLS * 2])
+    v = tl.reshape(tl.join(v, v >> 8), [ROWS, COLS * 4])
+    v = tl.reshape(tl.join((v & 0xF) | MAGIC, ((v >> 4) & 0xF) | MAGIC), [ROWS, COLS * 8])
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack_magic16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Like _unpack_magic, but odd codes stay 4 bits up: element 8c+i = 2^23 + q * 16^(i % 2)
+    (exact: q * 16 < 2^23). Saves the shift of every odd code (11 integer ops per word); the
+    caller divides by 16 where it multiplies anyway."""
+    v = tl.reshape(tl.join(words, words >> 16), [ROWS, COLS * 2])
+    v = tl.reshape(tl.join(v, v >> 8), [ROWS, COLS * 4])
+    v = tl.reshape(tl.join((v & 0xF) | MAGIC, (v & 0xF0) | MAGIC), [ROWS, COLS * 8])
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(
+    P, S, Z, n, n_mask, k0, N, KW, group,
+    DTYPE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    """Weight rows n, columns k0 .. k0 + 8*BLOCK_KW - 1 as a [BLOCK_N, 8*BLOCK_KW] tile in
+    DTYPE, equal to Int4Weight.dequantize(DTYPE) (finite garbage where out of range)."""
+    kw = k0 // 8 + tl.arange(0, BLOCK_KW)
+    mask = n_mask[:, None] & (kw < KW)[None, :]
+    words = tl.load(P + n[:, None].to(tl.int64) * KW + kw[None, :], mask=mask, other=0)
+    qf = _unpack_magic(words, BLOCK_N, BLOCK_KW)  # 2^23 + q
+    if SCALE_PER_TILE:
+        grp = k0 // group
+        s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N], 8.0, tl.float32)
+        w = (qf - (z + MAGIC_F)[:, None]) * s[:, None]
+    else:
+        grp = (kw * 8) // group
+        idx = grp[None, :] * N + n[:, None]
+        s = tl.load(S + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(Z + idx, mask=mask, other=0).to(tl.float32)
+        else:
+            z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
+        q3 = tl.reshape(qf, [BLOCK_N, BLOCK_KW, 8])
+        w = tl.reshape((q3 - (z + MAGIC_F)[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_KW * 8])
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _epilogue(acc, Out, Part, Bias, rows, cols, M, N, pid_s, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [R, C] fp32 for rows x cols of y: partials when split, else y (+ bias)."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    if SPLIT:
+        tl.store(Part + pid_s.to(tl.int64) * M * N + offs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc = acc + tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, P, S, Z, Out, Part, Bias,
+    M, N, K, KW, stride_xm, k_per_split, group,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    p_rows = P + n[:, None].to(tl.int64) * KW
+    x_row = X + row.to(tl.int64) * stride_xm
+    # Odd codes come out of _unpack_magic16 16x too large: their zero offset is 16x too, and
+    # their x is divided by 16 (both exact), so no shift is spent on them.
+    odd16 = tl.where(tl.arange(0, 8) % 2 == 1, 16.0, 1.0)
+    odd_div = tl.where(tl.arange(0, 8) % 2 == 1, 0.0625, 1.0)
+    acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_KW * 8):
+        kw = k0 // 8 + tl.arange(0, BLOCK_KW)
+        w_mask = n_mask[:, None] & (kw < KW)[None, :]
+        words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
+        k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * odd_div[None, :]
+        q16 = tl.reshape(_unpack_magic16(words, BLOCK_N, BLOCK_KW), [BLOCK_N, BLOCK_KW, 8])
+        if SCALE_PER_TILE:
+            grp = k0 // group
+            s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N], 8.0, tl.float32)
+            zoff = (z[:, None] * odd16[None, :] + MAGIC_F)[:, None, :]  # 2^23 + z (x16 if odd)
+            qx = tl.sum((q16 - zoff) * x[None, :, :], axis=2)  # sum (q - z) x per word
+            acc += qx * s[:, None]
+        else:
+            idx = ((kw * 8) // group)[None, :] * N + n[:, None]
+            s = tl.load(S + idx, mask=w_mask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(Z + idx, mask=w_mask, other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
+            zoff = z[:, :, None] * odd16[None, None, :] + MAGIC_F
+            qx = tl.sum((q16 - zoff) * x[None, :, :], axis=2)
+            acc += qx * s
+    out = tl.sum(acc, axis=1)
+    mask = n_mask
+    if SPLIT:
+        tl.store(Part + (pid_s.to(tl.int64) * M + row) * N + n, out, mask=mask)
+    else:
+        if HAS_BIAS:
+            out += tl.load(Bias + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + row.to(tl.int64) * N + n, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_kernel(
+    X, P, S, Z, Out, Part, Bias,
+    M, N, K, KW, stride_xm, k_per_split, group,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    x_rows = X + rows[:, None].to(tl.int64) * stride_xm
+    m_mask = (rows < M)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k[None, :], mask=m_mask & (k < K)[None, :], other=0.0)
+        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, X.dtype.element_ty,
+                          HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
+        acc = tl.dot(x, tl.trans(w), acc)
+    _epilogue(acc, Out, Part, Bias, rows, n, M, N, pid_s, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _dx_kernel(
+    DY, P, S, Z, DX, M, N, K, KW, stride_dym, group,
+    HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx [M, K] = dy [M, N] @ W [N, K]: output tile [BLOCK_M, BLOCK_K], reduction over N."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    dy_rows = DY + rows[:, None].to(tl.int64) * stride_dym
+    m_mask = (rows < M)[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        dy = tl.load(dy_rows + n[None, :], mask=m_mask & n_mask[None, :], other=0.0)
+        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, DY.dtype.element_ty,
+                          HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
+        acc = tl.dot(dy, w, acc)
+    k = k0 + tl.arange(0, BLOCK_K)
+    mask = m_mask & (k < K)[None, :]
+    tl.store(DX + rows[:, None].to(tl.int64) * K + k[None, :], acc.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(Part, Bias, Out, splits, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, splits):  # fixed order: the same bits every run
+        acc += tl.load(Part + tl.cast(s, tl.int64) * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _scale_per_tile(group: int, k: int, block_k: int) -> bool:
+    """True when every K tile of block_k lies inside one group (one scale per row per tile)."""
+    return group >= k or group % block_k == 0
+
+
+def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config | None = None):
+    """y [M, N] = x [M, K] @ W.T (+ bias), W dequantized in registers."""
+    m, k = x.shape
+    n, kw = packed.shape
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    config = config or select_config(x.device, m, n, k)
+    _, sms = device_facts(x.device)
+    if config.kernel == "gemv":
+        tiles = m * triton.cdiv(n, config.block_n)
+    else:
+        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    splits, k_per_split = _split_k(config, tiles, k, sms)
+    part = torch.empty((splits, m, n) if splits > 1 else (0,), dtype=torch.float32, device=x.device)
+    common = (
+        x, packed, scales, zeros if zeros is not None else scales, out, part,
+        bias if bias is not None else out, m, n, k, kw, x.stride(0), k_per_split, group,
+    )
+    flags = dict(
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        SCALE_PER_TILE=_scale_per_tile(group, k, config.block_k),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.kernel == "gemv":
+        grid = (triton.cdiv(n, config.block_n), splits, m)
+        _gemv_kernel[grid](*common, **flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8)
+    else:
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
+        _dot_kernel[grid](
+            *common, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        )
+    if splits > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if bias is not None else out, out, splits, m * n, n,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+def int4_matmul_dx(dy, packed, scales, zeros, group: int, k: int, config: Config | None = None):
+    """dx [M, K] = dy [M, N] @ W, W dequantized tile by tile (no dense copy)."""
+    m, n = dy.shape
+    kw = packed.shape[1]
+    dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    if m == 0:
+        return dx
+    if config is None:
+        kind, _ = device_facts(dy.device)
+        config = DX_CONFIGS.get(kind, DX_CONFIGS["default"])
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k))
+    _dx_kernel[grid](
+        dy, packed, scales, zeros if zeros is not None else scales, dx, m, n, k, kw, dy.stride(0),
+        group, HAS_ZEROS=zeros is not None, SCALE_PER_TILE=_scale_per_tile(group, k, config.block_k),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return dx
