@@ -252,6 +252,7 @@ def test_quantize_model_small_mlp(capsys):
     model = _MLP().half()
     dense = _MLP().half()
     dense.load_state_dict(model.state_dict())
+    assert deepkern.quantize_model is quantize_model
     summary = quantize_model(model, group_size=32, skip=("lm_head",))
     assert summary.replaced == ["fc1", "fc2", "odd"]
     assert summary.skipped == {"lm_head": "matches skip pattern 'lm_head'"}

@@ -8,9 +8,9 @@ group (K for channelwise); bias [N] or None. Output y [M, N] in x's dtype, fp32 
 Kernels:
 - _gemv_kernel (small M, default M == 1): FMA units only. Each program streams a
   [BLOCK_N, BLOCK_K] slab of the weight; the K range is split over programs (split-K) so that
-  every SM streams. Per element it only unpacks the code (shift, mask, magic-number float) and
-  accumulates q*x; the zero point and scale are applied once per 8-code word in fp32:
-      sum_k x_k (q_k - z) s = s * (sum_k q_k x_k - z * sum_k x_k)
+  every SM streams. Per code: one LOP3 (mask + magic exponent), one FADD (- zero offset), one
+  FFMA with x; the scale is applied once per 8-code word in fp32:
+      sum_k x_k (q_k - z) s = s * sum_k (q_k - z) x_k
   so w is never rounded to x's dtype here (more accurate than the reference by that rounding).
 - _dot_kernel (larger M): tensor-core tiles (tl.dot) with the weight tile dequantized in
   registers, bit-identical to Int4Weight.dequantize(x.dtype); split-K for small M too.
@@ -18,9 +18,12 @@ Kernels:
 Split-K programs write fp32 partials [splits, M, N] that _splitk_reduce_kernel sums in a fixed
 order (no atomics), then adds the bias: results are bit-identical run to run.
 
-Unpacking: code i of a word is (word >> 4i) & 0xF; OR-ing 0x4B000000 into it gives the fp32
-2^23 + q exactly (no int->float conversion instruction, which runs at 1/4 rate), and
-(2^23 + q) - (2^23 + z) = q - z exactly.
+Unpacking (_unpack): a code masked in place at bit 4p and OR-ed into the exponent bits of 2^23
+is the fp32 2^23 + q 16^p exactly (no int->float conversion, which runs at 1/4 rate, and no
+shift per code); subtracting 2^23 + z 16^p leaves (q - z) 16^p exactly, and the 16^-p goes
+into x (GEMV) or the scale (tiles), both exact. Offline SASS (sm_90a, triton 3.8) of the
+GEMV loop: ~5.6 instructions per weight element, 0 spills; tiles 128x128x64: ~9 per element
+per 256-thread CTA including the wgmma feed.
 
 Config: CONFIGS[gpu kind] is a list of (max M, max N, max K, Config) rows; the first row that
 fits the call wins. Kinds are "sm90" etc. from the device capability, "cpu" for the Triton
@@ -38,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAGIC = tl.constexpr(0x4B000000)  # float bits of 2^23
+MAGIC_BITS = 0x4B000000  # float bits of 2^23, passed as a kernel argument (see _unpack)
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 
 
@@ -155,40 +158,58 @@ def _split_k(config: Config, tiles: int, k: int, sms: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _unpack_magic(words, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """int32 words [ROWS, COLS] -> fp32 [ROWS, 8*COLS], element 8c+i = 2^23 + code i of word c.
-    Three join+reshape steps (shift by 16, 8, 4; mask only at the end: 15 integer ops per word)
-    keep a word's codes in the thread that loaded it; a broadcast [.., .., 8] shift instead
-    spreads them over lanes and the per-word sum becomes warp shuffles (2x the instructions)."""
-    v = tl.reshape(tl.join(words, words >> 16), [ROWS, COLS * 2])
-    v = tl.reshape(tl.join(v, v >> 8), [ROWS, COLS * 4])
-    v = tl.reshape(tl.join((v & 0xF) | MAGIC, ((v >> 4) & 0xF) | MAGIC), [ROWS, COLS * 8])
-    return v.to(tl.float32, bitcast=True)
+def _pos_scale(INVERSE: tl.constexpr):
+    """[8] fp32: 16^p(i) (or 16^-p(i)) for the code positions p = 0,1,2,3,1,2,3,4 of _unpack."""
+    i = tl.arange(0, 8)
+    p = tl.where(i < 4, i, i - 3)
+    if INVERSE:
+        return tl.where(p == 0, 1.0, tl.where(p == 1, 0.0625, tl.where(p == 2, 0.00390625,
+                        tl.where(p == 3, 0.000244140625, 0.0000152587890625))))
+    return tl.where(p == 0, 1.0, tl.where(p == 1, 16.0, tl.where(p == 2, 256.0,
+                    tl.where(p == 3, 4096.0, 65536.0))))
 
 
 @triton.jit
-def _unpack_magic16(words, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Like _unpack_magic, but odd codes stay 4 bits up: element 8c+i = 2^23 + q * 16^(i % 2)
-    (exact: q * 16 < 2^23). Saves the shift of every odd code (11 integer ops per word); the
-    caller divides by 16 where it multiplies anyway."""
-    v = tl.reshape(tl.join(words, words >> 16), [ROWS, COLS * 2])
-    v = tl.reshape(tl.join(v, v >> 8), [ROWS, COLS * 4])
-    v = tl.reshape(tl.join((v & 0xF) | MAGIC, (v & 0xF0) | MAGIC), [ROWS, COLS * 8])
+def _unpack(words, magic, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 words [ROWS, COLS] -> fp32 [ROWS, COLS, 8]: element i of word c is
+    2^23 + q_i * 16^p(i), p = 0,1,2,3,1,2,3,4 (exact: q * 16^4 < 2^23).
+
+    Each code is masked in place and OR-ed with the exponent bits of 2^23 (`magic`, a runtime
+    argument so ptxas fuses mask and OR into one LOP3): 8 LOP3 + 1 shift per word, no
+    int->float conversion. Callers fold 16^p into the zero offset and into x or the scale.
+    The joins keep a word's 8 codes in the thread that loaded it (innermost join = most
+    significant index bit); a broadcast [..., 8] shift would spread them over lanes."""
+    t = words >> 12  # codes 3..7 at bits 0..19
+    c0 = (words & 0xF) | magic
+    c1 = (words & 0xF0) | magic
+    c2 = (words & 0xF00) | magic
+    c3 = (words & 0xF000) | magic
+    c4 = (t & 0xF0) | magic
+    c5 = (t & 0xF00) | magic
+    c6 = (t & 0xF000) | magic
+    c7 = (t & 0xF0000) | magic
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))  # [.., 2 (i >= 4), 2 (i & 2)]
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    v = tl.reshape(tl.join(even, odd), [ROWS, COLS, 8])
     return v.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _dequant_tile(
-    P, S, Z, n, n_mask, k0, N, KW, group,
+    P, S, Z, n, n_mask, k0, N, KW, group, magic,
     DTYPE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """Weight rows n, columns k0 .. k0 + 8*BLOCK_KW - 1 as a [BLOCK_N, 8*BLOCK_KW] tile in
-    DTYPE, equal to Int4Weight.dequantize(DTYPE) (finite garbage where out of range)."""
+    DTYPE, equal to Int4Weight.dequantize(DTYPE) (finite garbage where out of range):
+    (2^23 + q 16^p) - (2^23 + z 16^p) = (q - z) 16^p and (s 16^-p) are exact in fp32, so
+    their product is the exact (q - z) s, rounded once to DTYPE."""
     kw = k0 // 8 + tl.arange(0, BLOCK_KW)
     mask = n_mask[:, None] & (kw < KW)[None, :]
     words = tl.load(P + n[:, None].to(tl.int64) * KW + kw[None, :], mask=mask, other=0)
-    qf = _unpack_magic(words, BLOCK_N, BLOCK_KW)  # 2^23 + q
+    f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
+    pos = _pos_scale(False)[None, None, :]
+    inv = _pos_scale(True)[None, None, :]
     if SCALE_PER_TILE:
         grp = k0 // group
         s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -196,18 +217,19 @@ def _dequant_tile(
             z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N], 8.0, tl.float32)
-        w = (qf - (z + MAGIC_F)[:, None]) * s[:, None]
+        s = s[:, None, None]
+        z = z[:, None, None]
     else:
-        grp = (kw * 8) // group
-        idx = grp[None, :] * N + n[:, None]
+        idx = ((kw * 8) // group)[None, :] * N + n[:, None]
         s = tl.load(S + idx, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             z = tl.load(Z + idx, mask=mask, other=0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
-        q3 = tl.reshape(qf, [BLOCK_N, BLOCK_KW, 8])
-        w = tl.reshape((q3 - (z + MAGIC_F)[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_KW * 8])
-    return w.to(DTYPE)
+        s = s[:, :, None]
+        z = z[:, :, None]
+    w = (f - (z * pos + MAGIC_F)) * (s * inv)
+    return tl.reshape(w.to(DTYPE), [BLOCK_N, BLOCK_KW * 8])
 
 
 @triton.jit
@@ -226,21 +248,23 @@ def _epilogue(acc, Out, Part, Bias, rows, cols, M, N, pid_s, SPLIT: tl.constexpr
 @triton.jit
 def _gemv_kernel(
     X, P, S, Z, Out, Part, Bias,
-    M, N, K, KW, stride_xm, k_per_split, group,
+    M, N, K, KW, stride_xm, k_per_split, group, magic,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    row = tl.program_id(2)
+    # Rows of x vary fastest across programs: programs reading the same weight slab run
+    # together (L2 reuse when M > 1), and axis 0 has room for any M.
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     p_rows = P + n[:, None].to(tl.int64) * KW
     x_row = X + row.to(tl.int64) * stride_xm
-    # Odd codes come out of _unpack_magic16 16x too large: their zero offset is 16x too, and
-    # their x is divided by 16 (both exact), so no shift is spent on them.
-    odd16 = tl.where(tl.arange(0, 8) % 2 == 1, 16.0, 1.0)
-    odd_div = tl.where(tl.arange(0, 8) % 2 == 1, 0.0625, 1.0)
+    # Code i of a word comes out of _unpack as 2^23 + q 16^p(i): its zero offset is
+    # 2^23 + z 16^p and its x is divided by 16^p (both exact), so no shift per code.
+    pos = _pos_scale(False)
+    inv = _pos_scale(True)
     acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -249,8 +273,8 @@ def _gemv_kernel(
         w_mask = n_mask[:, None] & (kw < KW)[None, :]
         words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
         k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * odd_div[None, :]
-        q16 = tl.reshape(_unpack_magic16(words, BLOCK_N, BLOCK_KW), [BLOCK_N, BLOCK_KW, 8])
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * inv[None, :]
+        f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
         if SCALE_PER_TILE:
             grp = k0 // group
             s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -258,9 +282,8 @@ def _gemv_kernel(
                 z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N], 8.0, tl.float32)
-            zoff = (z[:, None] * odd16[None, :] + MAGIC_F)[:, None, :]  # 2^23 + z (x16 if odd)
-            qx = tl.sum((q16 - zoff) * x[None, :, :], axis=2)  # sum (q - z) x per word
-            acc += qx * s[:, None]
+            zoff = (z[:, None] * pos[None, :] + MAGIC_F)[:, None, :]
+            acc += tl.sum((f - zoff) * x[None, :, :], axis=2) * s[:, None]  # s * sum (q - z) x
         else:
             idx = ((kw * 8) // group)[None, :] * N + n[:, None]
             s = tl.load(S + idx, mask=w_mask, other=0.0).to(tl.float32)
@@ -268,9 +291,8 @@ def _gemv_kernel(
                 z = tl.load(Z + idx, mask=w_mask, other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
-            zoff = z[:, :, None] * odd16[None, None, :] + MAGIC_F
-            qx = tl.sum((q16 - zoff) * x[None, :, :], axis=2)
-            acc += qx * s
+            zoff = z[:, :, None] * pos[None, None, :] + MAGIC_F
+            acc += tl.sum((f - zoff) * x[None, :, :], axis=2) * s
     out = tl.sum(acc, axis=1)
     mask = n_mask
     if SPLIT:
@@ -284,7 +306,7 @@ def _gemv_kernel(
 @triton.jit
 def _dot_kernel(
     X, P, S, Z, Out, Part, Bias,
-    M, N, K, KW, stride_xm, k_per_split, group,
+    M, N, K, KW, stride_xm, k_per_split, group, magic,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -309,7 +331,7 @@ def _dot_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + k[None, :], mask=m_mask & (k < K)[None, :], other=0.0)
-        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, X.dtype.element_ty,
+        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, X.dtype.element_ty,
                           HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
         acc = tl.dot(x, tl.trans(w), acc)
     _epilogue(acc, Out, Part, Bias, rows, n, M, N, pid_s, SPLIT, HAS_BIAS)
@@ -317,7 +339,7 @@ def _dot_kernel(
 
 @triton.jit
 def _dx_kernel(
-    DY, P, S, Z, DX, M, N, K, KW, stride_dym, group,
+    DY, P, S, Z, DX, M, N, K, KW, stride_dym, group, magic,
     HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -333,7 +355,7 @@ def _dx_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < N
         dy = tl.load(dy_rows + n[None, :], mask=m_mask & n_mask[None, :], other=0.0)
-        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, DY.dtype.element_ty,
+        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, DY.dtype.element_ty,
                           HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
         acc = tl.dot(dy, w, acc)
     k = k0 + tl.arange(0, BLOCK_K)
@@ -379,7 +401,7 @@ def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config |
     part = torch.empty((splits, m, n) if splits > 1 else (0,), dtype=torch.float32, device=x.device)
     common = (
         x, packed, scales, zeros if zeros is not None else scales, out, part,
-        bias if bias is not None else out, m, n, k, kw, x.stride(0), k_per_split, group,
+        bias if bias is not None else out, m, n, k, kw, x.stride(0), k_per_split, group, MAGIC_BITS,
     )
     flags = dict(
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
@@ -387,7 +409,7 @@ def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config |
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kernel == "gemv":
-        grid = (triton.cdiv(n, config.block_n), splits, m)
+        grid = (m, triton.cdiv(n, config.block_n), splits)
         _gemv_kernel[grid](*common, **flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8)
     else:
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
@@ -417,7 +439,7 @@ def int4_matmul_dx(dy, packed, scales, zeros, group: int, k: int, config: Config
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k))
     _dx_kernel[grid](
         dy, packed, scales, zeros if zeros is not None else scales, dx, m, n, k, kw, dy.stride(0),
-        group, HAS_ZEROS=zeros is not None, SCALE_PER_TILE=_scale_per_tile(group, k, config.block_k),
+        group, MAGIC_BITS, HAS_ZEROS=zeros is not None, SCALE_PER_TILE=_scale_per_tile(group, k, config.block_k),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
