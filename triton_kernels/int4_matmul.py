@@ -384,8 +384,18 @@ def _scale_per_tile(group: int, k: int, block_k: int) -> bool:
     return group >= k or group % block_k == 0
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it x's (multi-GPU callers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config | None = None):
     """y [M, N] = x [M, K] @ W.T (+ bias), W dequantized in registers."""
+    with _on_device(x.device):
+        return _fwd(x, packed, scales, zeros, group, bias, config)
+
+
+def _fwd(x, packed, scales, zeros, group: int, bias, config: Config | None):
     m, k = x.shape
     n, kw = packed.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -428,6 +438,11 @@ def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config |
 
 def int4_matmul_dx(dy, packed, scales, zeros, group: int, k: int, config: Config | None = None):
     """dx [M, K] = dy [M, N] @ W, W dequantized tile by tile (no dense copy)."""
+    with _on_device(dy.device):
+        return _dx(dy, packed, scales, zeros, group, k, config)
+
+
+def _dx(dy, packed, scales, zeros, group: int, k: int, config: Config | None):
     m, n = dy.shape
     kw = packed.shape[1]
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
