@@ -26,6 +26,7 @@ import torch
 OPS = {
     "layernorm_gelu": "deepkern.bench.layernorm_gelu",
     "int4_matmul": "deepkern.bench.int4_matmul",
+    "sparse_attention": "deepkern.bench.sparse_attention",
 }
 
 

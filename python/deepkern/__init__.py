@@ -13,6 +13,7 @@ from deepkern._backend import BackendUnavailableError
 from deepkern._ext import cuda_ext_error, has_cuda_ext
 from deepkern.ops.layernorm_gelu import layernorm_gelu
 from deepkern.ops.int4_matmul import int4_matmul
+from deepkern.ops.sparse_attention import select_blocks, sparse_attention
 from deepkern import nn  # noqa: E402  (modules need the ops above)
 from deepkern import quant  # noqa: E402
 from deepkern.nn.int4_linear import quantize_model  # noqa: E402
@@ -26,4 +27,6 @@ __all__ = [
     "nn",
     "quant",
     "quantize_model",
+    "select_blocks",
+    "sparse_attention",
 ]

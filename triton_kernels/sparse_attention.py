@@ -1,0 +1,375 @@
+"""Triton kernels for block-sparse attention (forward, backward) and their launchers.
+Semantics: deepkern.reference.sparse_attention; the block selection is in
+sparse_attention_select.py.
+
+Contract of the launchers (the op layer guarantees it): q [B, S, Hq, D], k/v [B, S, Hkv, D],
+float16/bfloat16, unit last stride (other strides free), D in {64, 128}; `indices` int32
+[B, Hkv, nb, W] in clean form: each row's valid block ids ascending first, -1 after, and in
+causal mode no j > i. In that form only a row's LAST valid entry can need a mask (the causal
+diagonal block, or the partial last key block), so the main loops run unmasked; out-of-range
+ids are clamped, so malformed indices give wrong numbers but never a bad memory access.
+
+Forward: a program owns query block i of one (batch, kv head) and all G query heads of it:
+the Q tile stacks HPP heads x block_size tokens as rows (token-major, so each token's HPP
+heads are one contiguous load), and loops over the G / HPP head chunks; each listed KV block
+is thus read from DRAM once per group (repeats hit L2). Online softmax in the exp2 domain,
+fp32 accumulation; the log-sum-exp is saved in log2 units (+inf for rows without keys, so
+the backward's exp2(s - lse) is 0 there).
+
+Backward: the dq kernel walks the same lists (and stores delta = rowsum(dO * O) first); the
+dk/dv kernel walks, for each key block, the query blocks that listed it (a CSR transpose built
+by a sort: deterministic, no atomics); each program owns one key block's dk/dv and sums its
+contributions in a fixed order. Key blocks chosen by many query blocks (the sink blocks) make
+long programs: they are launched first (program ids run over batch x kv head fastest).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_ROWS_FWD = 128  # rows (heads x tokens) of a forward Q tile
+MAX_ROWS_BWD = 64  # rows of a dq / dk-dv Q tile
+
+
+@triton.jit
+def _count_valid(IDX_ROW, W, BW: tl.constexpr):
+    n = 0
+    for w0 in range(0, W, BW):
+        w = w0 + tl.arange(0, BW)
+        n += tl.sum((tl.load(IDX_ROW + w, mask=w < W, other=-1) >= 0).to(tl.int32), axis=0)
+    return n
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs, j, tt, d, qpos, S,
+              qk_scale, use, BS: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    kpos = j * BS + tt
+    kval = kpos < S
+    kpos64 = kpos.to(tl.int64)
+    k = tl.load(K + k_base + kpos64[:, None] * stride_ks + d[None, :], mask=kval[:, None], other=0.0)
+    v = tl.load(V + v_base + kpos64[:, None] * stride_vs + d[None, :], mask=kval[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK:
+        keep = kval[None, :] & use
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(keep, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # Rows that have seen no key yet keep m = -inf; exp2 against 0 then gives p = alpha = 0.
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, IDX, O, LSE,
+    S, nb, W, Hq, Hkv, G,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    qk_scale,
+    CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPP: tl.constexpr,
+    BW: tl.constexpr,
+):
+    i = nb - 1 - tl.program_id(0)  # causal: late query blocks list the most blocks; run them first
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    r = tl.arange(0, HPP * BS)
+    t = r // HPP
+    g = r % HPP
+    tt = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    qpos = i * BS + t
+    qval = qpos < S
+    qpos64 = qpos.to(tl.int64)
+    idx_row = IDX + (bh.to(tl.int64) * nb + i) * W
+    n = _count_valid(idx_row, W, BW)
+    j_last = tl.load(idx_row + tl.maximum(n - 1, 0))
+    j_last = tl.minimum(tl.maximum(j_last, 0), nb - 1)
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    for c in range(0, G, HPP):
+        head = h * G + c + g
+        q_ptr = Q + b * stride_qb + qpos64[:, None] * stride_qs + head[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptr, mask=qval[:, None], other=0.0)
+        acc = tl.zeros([HPP * BS, D], dtype=tl.float32)
+        m_i = tl.full([HPP * BS], -float("inf"), tl.float32)
+        l_i = tl.zeros([HPP * BS], dtype=tl.float32)
+        for w in range(n - 1):
+            j = tl.load(idx_row + w)
+            j = tl.minimum(tl.maximum(j, 0), nb - 1)
+            acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs,
+                                      j, tt, d, qpos, S, qk_scale, True,
+                                      BS=BS, MASK=False, CAUSAL=CAUSAL)
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs,
+                                  j_last, tt, d, qpos, S, qk_scale, n > 0,
+                                  BS=BS, MASK=True, CAUSAL=CAUSAL)
+        # l == 0: no key at all -> output 0, lse +inf. A NaN l stays NaN (propagates).
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        m_use = tl.where(m_i == -float("inf"), 0.0, m_i)
+        lse = tl.where(empty, float("inf"), m_use + tl.log2(tl.where(empty, 1.0, l_i)))
+        row = (b * S + qpos64) * Hq + head
+        tl.store(O + row[:, None] * D + d[None, :], out.to(O.dtype.element_ty), mask=qval[:, None])
+        tl.store(LSE + row, lse, mask=qval)
+
+
+@triton.jit
+def _dq_step(q, do, dq, lse, delta, K, V, k_base, v_base, stride_ks, stride_vs, j, tt, d, qpos,
+             S, qk_scale, use, BS: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    kpos = j * BS + tt
+    kval = kpos < S
+    kpos64 = kpos.to(tl.int64)
+    k = tl.load(K + k_base + kpos64[:, None] * stride_ks + d[None, :], mask=kval[:, None], other=0.0)
+    v = tl.load(V + v_base + kpos64[:, None] * stride_vs + d[None, :], mask=kval[:, None], other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASK:
+        keep = kval[None, :] & use
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= qpos[:, None])
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX,
+    S, nb, W, Hq, Hkv, G,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPP: tl.constexpr,
+    BW: tl.constexpr,
+):
+    i = nb - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    r = tl.arange(0, HPP * BS)
+    t = r // HPP
+    g = r % HPP
+    tt = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    qpos = i * BS + t
+    qval = qpos < S
+    qpos64 = qpos.to(tl.int64)
+    idx_row = IDX + (bh.to(tl.int64) * nb + i) * W
+    n = _count_valid(idx_row, W, BW)
+    j_last = tl.load(idx_row + tl.maximum(n - 1, 0))
+    j_last = tl.minimum(tl.maximum(j_last, 0), nb - 1)
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    for c in range(0, G, HPP):
+        head = h * G + c + g
+        row = (b * S + qpos64) * Hq + head
+        q = tl.load(Q + b * stride_qb + qpos64[:, None] * stride_qs + head[:, None] * stride_qh
+                    + d[None, :], mask=qval[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + qpos64[:, None] * stride_dos + head[:, None] * stride_doh
+                     + d[None, :], mask=qval[:, None], other=0.0)
+        o = tl.load(O + row[:, None] * D + d[None, :], mask=qval[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(DELTA + row, delta, mask=qval)
+        lse = tl.load(LSE + row, mask=qval, other=float("inf"))
+        dq = tl.zeros([HPP * BS, D], dtype=tl.float32)
+        for w in range(n - 1):
+            j = tl.load(idx_row + w)
+            j = tl.minimum(tl.maximum(j, 0), nb - 1)
+            dq = _dq_step(q, do, dq, lse, delta, K, V, k_base, v_base, stride_ks, stride_vs, j, tt,
+                          d, qpos, S, qk_scale, True, BS=BS, MASK=False, CAUSAL=CAUSAL)
+        dq = _dq_step(q, do, dq, lse, delta, K, V, k_base, v_base, stride_ks, stride_vs, j_last,
+                      tt, d, qpos, S, qk_scale, n > 0, BS=BS, MASK=True, CAUSAL=CAUSAL)
+        tl.store(DQ + row[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=qval[:, None])
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
+               stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+               qk_scale, use, BS: tl.constexpr, HPQ: tl.constexpr, MASK: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    qpos = i * BS + t
+    qval = qpos < S
+    qpos64 = qpos.to(tl.int64)
+    for c in range(0, G, HPQ):
+        head = h * G + c + g
+        row = (b * S + qpos64) * Hq + head
+        q = tl.load(Q + b * stride_qb + qpos64[:, None] * stride_qs + head[:, None] * stride_qh
+                    + d[None, :], mask=qval[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + qpos64[:, None] * stride_dos + head[:, None] * stride_doh
+                     + d[None, :], mask=qval[:, None], other=0.0)
+        # Padded query rows: lse = +inf gives p = 0, and dO = 0 there.
+        lse = tl.load(LSE + row, mask=qval, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=qval, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [BS keys, rows]
+        if MASK:
+            keep = (kpos[:, None] >= 0) & use
+            if CAUSAL:
+                keep = keep & (kpos[:, None] <= qpos[None, :])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, OFFS, QLIST,
+    S, nb, BH, Hq, Hkv, G,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPQ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    j = pid // BH  # all (batch, kv head) programs of block 0 (a sink, the longest list) first
+    bh = pid % BH
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    tt = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    r = tl.arange(0, HPQ * BS)
+    t = r // HPQ
+    g = r % HPQ
+    kpos = j * BS + tt
+    kval = kpos < S
+    kpos64 = kpos.to(tl.int64)
+    k = tl.load(K + b * stride_kb + kpos64[:, None] * stride_ks + h * stride_kh + d[None, :],
+                mask=kval[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + kpos64[:, None] * stride_vs + h * stride_vh + d[None, :],
+                mask=kval[:, None], other=0.0)
+    dk = tl.zeros([BS, D], dtype=tl.float32)
+    dv = tl.zeros([BS, D], dtype=tl.float32)
+    seg = bh.to(tl.int64) * nb + j
+    start = tl.load(OFFS + seg)
+    end = tl.load(OFFS + seg + 1)
+    # Lists are ascending in i and (causal) start at i >= j: only the first entry can be the
+    # diagonal block, so only it carries the mask.
+    has = start < end
+    i0 = tl.load(QLIST + start, mask=has, other=0)
+    dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i0, b, h, G, Hq, S, kpos, t, g, d,
+                        stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                        qk_scale, has, BS=BS, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL)
+    for e in range(start + 1, end):
+        i = tl.load(QLIST + e)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
+                            stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                            qk_scale, True, BS=BS, HPQ=HPQ, MASK=False, CAUSAL=CAUSAL)
+    row = (b * S + kpos64) * Hkv + h
+    tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kval[:, None])
+    tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _heads_per_tile(G: int, block_size: int, max_rows: int) -> int:
+    """Largest power of two dividing G with heads x block_size <= max_rows (at least 1)."""
+    hpp = 1
+    while G % (hpp * 2) == 0 and hpp * 2 * block_size <= max_rows:
+        hpp *= 2
+    return hpp
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _num_blocks(S: int, block_size: int) -> int:
+    return (S + block_size - 1) // block_size
+
+
+def transpose_indices(indices: torch.Tensor, nb: int):
+    """CSR transpose of clean indices [B, Hkv, nb, W]: for segment (b*Hkv + h)*nb + j,
+    qlist[offs[seg]:offs[seg+1]] are the query blocks i that list j, ascending. One sort of
+    unique int64 keys: deterministic, no atomics. Memory O(B * Hkv * nb * W)."""
+    B, Hkv, _, W = indices.shape
+    bh = B * Hkv
+    dev = indices.device
+    idx = indices.reshape(bh, nb, W).long()
+    seg = torch.arange(bh, device=dev)[:, None, None] * nb + idx.clamp(min=0)
+    key = seg * nb + torch.arange(nb, device=dev)[None, :, None]
+    key = torch.where(idx >= 0, key, bh * nb * nb).flatten().sort().values  # invalid: at the end
+    qlist = (key % nb).to(torch.int32)
+    offs = torch.searchsorted(key // nb, torch.arange(bh * nb + 1, device=dev))
+    if qlist.numel() == 0:
+        qlist = torch.zeros(1, dtype=torch.int32, device=dev)
+    return offs, qlist
+
+
+def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softmax_scale: float):
+    """(out [B, S, Hq, D] contiguous, lse [B, S, Hq] fp32 in log2 units)."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    nb = _num_blocks(S, block_size)
+    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, S, Hq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    indices = indices.contiguous()
+    hpp = _heads_per_tile(G, block_size, MAX_ROWS_FWD)
+    rows = hpp * block_size
+    _fwd_kernel[(nb, B * Hkv)](
+        q, k, v, indices, out, lse,
+        S, nb, indices.shape[-1], Hq, Hkv, G,
+        *_strides(q), *_strides(k), *_strides(v),
+        softmax_scale * LOG2E,
+        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32,
+        num_warps=8 if rows * D >= 128 * 128 else 4, num_stages=2,
+    )
+    return out, lse
+
+
+def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, causal: bool,
+                         softmax_scale: float):
+    """(dq, dk, dv), contiguous, in q's dtype."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    nb = _num_blocks(S, block_size)
+    dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, S, Hkv, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, S, Hkv, D), dtype=v.dtype, device=q.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()  # e.g. the stride-0 gradient of out.sum()
+    indices = indices.contiguous()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty((B, S, Hq), dtype=torch.float32, device=q.device)
+    qk_scale = softmax_scale * LOG2E
+    hpp = _heads_per_tile(G, block_size, MAX_ROWS_BWD)
+    warps = 8 if D >= 128 else 4
+    # 128 x 128 tiles (block 128, D 128): q, dO, k, v tiles alone take 128 KB of shared
+    # memory, so no multi-buffering of the loads (it would not fit in 227 KB with scratch).
+    stages = 1 if block_size * D >= 128 * 128 else 2
+    _dq_kernel[(nb, B * Hkv)](
+        q, k, v, out, dout, lse, delta, dq, indices,
+        S, nb, indices.shape[-1], Hq, Hkv, G,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+        qk_scale, softmax_scale,
+        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, num_warps=warps, num_stages=stages,
+    )
+    offs, qlist = transpose_indices(indices, nb)
+    _dkdv_kernel[(nb * B * Hkv,)](
+        q, k, v, dout, lse, delta, dk, dv, offs, qlist,
+        S, nb, B * Hkv, Hq, Hkv, G,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+        qk_scale, softmax_scale,
+        CAUSAL=causal, BS=block_size, D=D, HPQ=hpp, num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv

@@ -1,0 +1,150 @@
+"""Triton kernels for the block selection of sparse_attention (pooled summaries + streaming
+top-k) and its launcher. Semantics: deepkern.reference.sparse_attention.
+
+Memory grows like nb * (D + topk), never nb^2: the summaries are fp32 [B*Hkv, nb, D], the
+top-k kernel keeps each query block's running best `topk` (score, j) pairs in registers while
+it streams over the key-block summaries in chunks, and writes only the final `topk` ids.
+
+Top-k merge: a program owns BM query blocks. Per chunk of BC key blocks it computes the
+[BM, BC] scores with one fp32 dot, then repeatedly moves each row's best remaining chunk
+candidate into the row's running set in place of the set's worst member, while it beats that
+member; at most TK rounds per chunk, and a chunk where no row has a candidate that beats its
+current worst is skipped whole (the common case once the running sets have filled). Order:
+score descending, then j ascending; chunks are visited in ascending j, so a candidate must
+strictly beat the worst member (which has a lower j) to enter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepkern.reference.sparse_attention import assemble_indices, num_blocks
+
+MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + ids
+BM = 32  # query blocks per top-k program
+BC = 64  # key blocks per chunk
+LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
+
+
+@triton.jit
+def _pool_kernel(
+    Q, K, QS, KS,
+    S, nb, Hkv, G,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    q_scale,
+    BS: tl.constexpr, D: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    t = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    pos = j * BS + t
+    valid = (pos < S)[:, None]
+    pos64 = pos.to(tl.int64)
+    count = tl.minimum(S - j * BS, BS).to(tl.float32)
+    k_ptr = K + b * stride_kb + pos64[:, None] * stride_ks + h * stride_kh + d[None, :]
+    k_sum = tl.sum(tl.load(k_ptr, mask=valid, other=0.0).to(tl.float32), axis=0)
+    q_sum = tl.zeros([D], dtype=tl.float32)
+    for g in range(G):
+        head = h * G + g
+        q_ptr = Q + b * stride_qb + pos64[:, None] * stride_qs + head * stride_qh + d[None, :]
+        q_sum += tl.sum(tl.load(q_ptr, mask=valid, other=0.0).to(tl.float32), axis=0)
+    out = (bh.to(tl.int64) * nb + j) * D + d
+    tl.store(KS + out, k_sum / count)
+    tl.store(QS + out, q_sum / (count * G) * q_scale)
+
+
+@triton.jit
+def _topk_kernel(
+    QS, KS, TOP,
+    nb, topk, sink, local,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    TK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    i = pid * BM + tl.arange(0, BM)
+    d = tl.arange(0, D)
+    base = bh * nb * D
+    qs = tl.load(QS + base + i[:, None] * D + d[None, :], mask=(i < nb)[:, None], other=0.0)
+    slot = tl.arange(0, TK)
+    # Slots >= topk hold +inf so they are never the worst member (never replaced).
+    rs = tl.where(slot[None, :] < topk, -float("inf"), float("inf")) + tl.zeros([BM, TK], tl.float32)
+    rj = tl.full([BM, TK], -1, tl.int32)
+    if CAUSAL:
+        j_end = tl.minimum(nb, pid * BM + BM - local)  # candidates satisfy j <= i - local
+    else:
+        j_end = nb
+    for j0 in range(sink, j_end, BC):
+        jj = j0 + tl.arange(0, BC)
+        ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None], other=0.0)
+        s = tl.dot(qs, tl.trans(ks), input_precision="ieee")
+        s = tl.where(s != s, LOWEST, s)
+        s = tl.maximum(s, LOWEST)
+        cand = (jj[None, :] < nb) & (i[:, None] < nb)
+        if CAUSAL:
+            cand = cand & (jj[None, :] <= i[:, None] - local)
+        else:
+            cand = cand & (jj[None, :] != i[:, None])
+        cur = tl.where(cand, s, -float("inf"))
+        jmat = jj[None, :] + tl.zeros([BM, BC], tl.int32)
+        # The round below is a no-op for rows with nothing to insert, so the `if`s only save
+        # work (they are always taken under the Triton interpreter).
+        if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
+            for _ in range(TK):
+                best = tl.max(cur, axis=1)
+                worst = tl.min(rs, axis=1)
+                take = best > worst
+                if tl.sum(take.to(tl.int32), axis=0) > 0:
+                    best_j = tl.min(tl.where(cur == best[:, None], jmat, 2147483647), axis=1)
+                    # Evict the worst member: lowest score, then highest j, then lowest slot.
+                    is_worst = rs == worst[:, None]
+                    worst_j = tl.max(tl.where(is_worst, rj, -2), axis=1)
+                    worst_slot = tl.min(
+                        tl.where(is_worst & (rj == worst_j[:, None]), slot[None, :], TK), axis=1
+                    )
+                    hit = take[:, None] & (slot[None, :] == worst_slot[:, None])
+                    rs = tl.where(hit, best[:, None], rs)
+                    rj = tl.where(hit, best_j[:, None], rj)
+                    cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
+    out = TOP + (bh * nb + i[:, None]) * topk + slot[None, :]
+    tl.store(out, rj, mask=(i[:, None] < nb) & (slot[None, :] < topk))
+
+
+def block_summaries(q, k, block_size: int, softmax_scale: float):
+    """(qs, ks): fp32 [B*Hkv, nb, D]; qs carries softmax_scale."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    nb = num_blocks(S, block_size)
+    qs = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
+    ks = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
+    if nb > 0 and B > 0:
+        _pool_kernel[(nb, B * Hkv)](
+            q, k, qs, ks, S, nb, Hkv, Hq // Hkv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            softmax_scale, BS=block_size, D=D, num_warps=4,
+        )
+    return qs, ks
+
+
+def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_blocks: int,
+                  causal: bool, softmax_scale: float) -> torch.Tensor:
+    """int32 [B, Hkv, nb, sink_blocks + local_blocks + topk]; q, k with unit last stride,
+    float16/bfloat16, D in {64, 128}, topk <= MAX_TOPK."""
+    B, S, _, D = q.shape
+    Hkv = k.shape[2]
+    nb = num_blocks(S, block_size)
+    top = torch.empty((B * Hkv, nb, topk), dtype=torch.int32, device=q.device)
+    if topk > 0 and nb > 0 and B > 0:
+        qs, ks = block_summaries(q, k, block_size, softmax_scale)
+        _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
+            qs, ks, top, nb, topk, sink_blocks, local_blocks,
+            CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)),
+            num_warps=8 if D >= 128 else 4,
+        )
+        del qs, ks  # the summaries are the largest buffers; free them before the assembly
+    return assemble_indices(top.view(B, Hkv, nb, topk), nb, sink_blocks, local_blocks, causal)
