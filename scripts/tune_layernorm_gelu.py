@@ -20,7 +20,15 @@ import deepkern  # noqa: F401  (registers the ops)
 from deepkern.triton_kernels import layernorm_gelu as tk
 
 SHAPES = [(16384, 8192), (32768, 5120), (8192, 12288), (65536, 1024), (4096, 65536)]
-CUDA_CONFIGS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8)]
+FWD_ITERS = [1, 2, 4]  # DEEPKERN_LNG_FWD_ITERS: smallest vectors-per-thread tried first
+BWD_ITERS = [1, 2]
+TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
+              {"max_row_block": 0, "block": 1024, "num_warps": 4},
+              {"max_row_block": 0, "block": 2048, "num_warps": 8},
+              {"max_row_block": 0, "block": 4096, "num_warps": 8},
+              {"max_row_block": 0, "block": 8192, "num_warps": 16}]
+TRITON_BWD = [{}, {"num_warps": 8, "per_sm": 1}, {"num_warps": 16, "per_sm": 1},
+              {"num_warps": 32, "per_sm": 1}, {"num_warps": 8, "per_sm": 2}]
 
 
 def bench(fn):
@@ -51,8 +59,6 @@ def main():
         fwd_floor = 2 * elems / 3.0e12 * 1e6
         bwd_floor = 3 * elems / 3.0e12 * 1e6
         print(f"\n== {rows}x{n} bf16: floors fwd {fwd_floor:.0f} us, bwd {bwd_floor:.0f} us (at 3.0 TB/s)")
-        os.environ.pop("DEEPKERN_LNG_FWD", None)
-        os.environ.pop("DEEPKERN_LNG_BWD", None)
         cu = torch.ops.deepkern
         y0, _, mean, rstd = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)
         dx0, dw0, db0 = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
@@ -64,34 +70,41 @@ def main():
             flag = "" if err < 1e-2 else "  <-- WRONG"
             print(f"  {kind} {name:<28} {us:8.1f} us  {floor / us:5.0%} of copy  err {err:.1e}{flag}")
 
-        for iters, cluster in CUDA_CONFIGS:
-            os.environ["DEEPKERN_LNG_FWD"] = f"{iters},{cluster}"
-            os.environ["DEEPKERN_LNG_BWD"] = f"{iters},{cluster}"
-            try:
-                y = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)[0]
-                record("fwd", f"cuda i{iters} c{cluster}",
-                       bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)),
-                       relerr(y, y0))
-                dx, dw, _ = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
-                record("bwd", f"cuda i{iters} c{cluster}",
-                       bench(lambda: cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)),
-                       max(relerr(dx, dx0), relerr(dw, dw0)))
-            except Exception as exc:  # noqa: BLE001
-                print(f"  cuda i{iters} c{cluster}: {type(exc).__name__}: {str(exc)[:120]}")
-        os.environ.pop("DEEPKERN_LNG_FWD", None)
-        os.environ.pop("DEEPKERN_LNG_BWD", None)
+        for iters in FWD_ITERS:
+            os.environ["DEEPKERN_LNG_FWD_ITERS"] = str(iters)
+            y = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)[0]
+            record("fwd", f"cuda iters>={iters}",
+                   bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)),
+                   relerr(y, y0))
+        os.environ.pop("DEEPKERN_LNG_FWD_ITERS", None)
+        for iters in BWD_ITERS:
+            os.environ["DEEPKERN_LNG_BWD_ITERS"] = str(iters)
+            dx, dw, _ = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
+            record("bwd", f"cuda iters>={iters}",
+                   bench(lambda: cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)),
+                   max(relerr(dx, dx0), relerr(dw, dw0)))
+        os.environ.pop("DEEPKERN_LNG_BWD_ITERS", None)
+        # The GELU's share: the same kernels with the (cheaper) tanh form, and rmsnorm.
+        for tanh, rms in ((True, False), (False, True)):
+            tag = "tanh" if tanh else "rms"
+            record("fwd", f"cuda default {tag}",
+                   bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, rms, tanh)), 0.0)
+            record("fwd", f"triton default {tag}",
+                   bench(lambda: tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, rms, tanh)), 0.0)
+        scratch = torch.empty_like(x)
+        record("fwd", "torch copy_ (x -> y)", bench(lambda: scratch.copy_(x)), 0.0)
+        del scratch
 
-        for cfg in [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32}]:
+        for cfg in TRITON_FWD:
             try:
                 y = tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)[0]
+                torch.cuda.synchronize()
                 record("fwd", f"triton {cfg}",
                        bench(lambda: tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)),
                        relerr(y, y0))
             except Exception as exc:  # noqa: BLE001
                 print(f"  triton fwd {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-        for cfg in [{}, {"num_warps": 8, "per_sm": 1}, {"num_warps": 8, "per_sm": 2},
-                    {"num_warps": 16, "per_sm": 1}, {"num_warps": 16, "per_sm": 2},
-                    {"num_warps": 32, "per_sm": 1}, {"num_warps": 4, "per_sm": 4}]:
+        for cfg in TRITON_BWD:
             try:
                 dx, dw, _ = tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False, cfg)
                 record("bwd", f"triton {cfg}",

@@ -53,7 +53,7 @@ def _check_forward(shape, dtype, device, backend, approximate="none", norm="laye
     else:
         y = out
     assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, y_ref, dtype, what="y")
+    assert_close(y, y_ref, dtype, what=f"y [{backend} {tuple(shape)} {norm} residual={residual}]")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -154,7 +154,8 @@ def _check_backward(shape, dtype, device, backend, approximate="none", norm="lay
         assert g.dtype == t.dtype and g.shape == t.shape
         torch_err = rel_error(ll.grad, rl.grad)
         scale = max(2.0, 4 * torch_err / REL_TOL[dtype])
-        assert_close(g, rl.grad, dtype, scale=scale, what=name)
+        assert_close(g, rl.grad, dtype, scale=scale,
+                     what=f"{name} [{backend} {tuple(shape)} {norm} residual={residual}]")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

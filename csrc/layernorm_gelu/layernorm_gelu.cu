@@ -22,52 +22,32 @@ using lngelu::FwdParams;
 // ---------------------------------------------------------------------------------------
 // Launch configuration.
 //
-// A row of nvec 16-byte vectors is spread over `cluster` CTAs x `tpr` threads, each thread
-// holding `iters` vectors. Fewer vectors per thread mean fewer registers, so more rows in
-// flight per SM; a CTA has at most 512 threads.
+// A row of nvec vectors (16 bytes each, or single elements on the scalar path) is spread over
+// `tpr` threads holding `iters` vectors each. Few vectors per thread keep registers low, so
+// many warps stay resident (H100, 16384x8192 bf16: 1 vector/thread at 1024 threads per row
+// beats 2 vectors at 512).
 
 struct RowsConfig {
-  int iters = 0;  // 0: rows too long for the register paths here
-  int tpr = 0;  // threads per row (per CTA of the cluster)
-  int cluster = 1;
+  int iters = 0;  // 0: rows too long for the register kernels
+  int tpr = 0;  // threads per row
 };
 
-bool clusters_available(int device) {
-#ifdef DEEPKERN_HAS_SM90A
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
-#else
-  (void)device;
-  return false;
-#endif
-}
+constexpr int kMaxThreads = 1024;
 
-// Optional override for tuning sweeps: DEEPKERN_LNG_FWD / DEEPKERN_LNG_BWD = "iters,cluster".
-bool env_override(const char* name, int& iters, int& cluster) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::sscanf(v, "%d,%d", &iters, &cluster) == 2;
-}
-
-RowsConfig rows_config(int nvec, bool backward, bool vectorized, int device) {
-  constexpr int kMaxTpr = 512;
-  int want_iters = 0, want_cluster = 0;
-  if (env_override(backward ? "DEEPKERN_LNG_BWD" : "DEEPKERN_LNG_FWD", want_iters, want_cluster)) {
-    const int tpr = ((nvec + want_iters * want_cluster - 1) / (want_iters * want_cluster) + 31) / 32 * 32;
-    if (tpr <= kMaxTpr && (want_cluster == 1 || (vectorized && clusters_available(device))))
-      return {want_iters, tpr, want_cluster};
-  }
-  // One warp per row for short rows (no CTA barriers in the reductions).
-  if (nvec <= 32) return {1, 32, 1};
-  if (nvec <= 64) return {2, 32, 1};
-  if (nvec <= 128) return {4, 32, 1};
-  const int max_iters = backward ? 2 : 4;
-  const int max_cluster = vectorized && clusters_available(device) ? 8 : 1;
-  for (int cluster = 1; cluster <= max_cluster; cluster *= 2) {
-    for (int iters = 1; iters <= max_iters; iters *= 2) {
-      const int tpr = ((nvec + iters * cluster - 1) / (iters * cluster) + 31) / 32 * 32;
-      if (tpr <= kMaxTpr) return {iters, tpr, cluster};
-    }
+RowsConfig rows_config(int nvec, bool backward) {
+  // Forward: one warp per row for short rows (no CTA barriers in the reductions). Backward
+  // holds 4 values per element, so it spreads short rows over more threads instead (at 4
+  // vectors per thread it spilled).
+  if (nvec <= 32) return {1, 32};
+  if (!backward && nvec <= 64) return {2, 32};
+  if (!backward && nvec <= 128) return {4, 32};
+  int iters = 1;
+  if (const char* env = std::getenv(backward ? "DEEPKERN_LNG_BWD_ITERS" : "DEEPKERN_LNG_FWD_ITERS"))
+    iters = std::atoi(env);  // tuning sweeps only
+  const int max_iters = backward ? 2 : 4;  // backward holds 4 arrays per vector
+  for (; iters <= max_iters; iters *= 2) {
+    const int tpr = ((nvec + iters - 1) / iters + 31) / 32 * 32;
+    if (tpr <= kMaxThreads) return {iters, tpr};
   }
   return {};
 }
@@ -83,80 +63,41 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
   return true;
 }
 
-// Launches `kernel` persistently: at most as many CTAs (clusters) as fit on the GPU at once.
-// prepare(walkers) runs just before the launch with the number of row walkers (= weight-
-// gradient partial rows); returns that number.
-template <typename Kernel, typename Params, typename Prepare>
-int64_t launch_rows(Kernel kernel, Params& p, const RowsConfig& cfg, int device,
-                    cudaStream_t stream, Prepare&& prepare) {
-  const int threads = cfg.cluster > 1 ? cfg.tpr : std::max(cfg.tpr, 128);
-  const int rows_per_cta = cfg.cluster > 1 ? 1 : threads / cfg.tpr;
-  cudaLaunchConfig_t lc = {};
-  lc.blockDim = dim3(threads);
-  lc.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cfg.cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  int64_t walkers;
-  if (cfg.cluster > 1) {
-    lc.gridDim = dim3(cfg.cluster * 1024);  // a placeholder for the occupancy query
-    lc.attrs = attr;
-    lc.numAttrs = 1;
-    int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc));
-    walkers = std::min<int64_t>(p.rows, std::max(clusters, 1));
-    lc.gridDim = dim3(walkers * cfg.cluster);
-  } else {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-    const int64_t ctas = std::min<int64_t>((p.rows + rows_per_cta - 1) / rows_per_cta,
-                                           static_cast<int64_t>(std::max(per_sm, 1)) * num_sms(device));
-    lc.gridDim = dim3(ctas);
-    walkers = ctas * rows_per_cta;
+int threads_for(const RowsConfig& cfg) { return std::max(cfg.tpr, 128); }
+
+template <typename T, typename PT, int VEC, bool TANH>
+void launch_fwd(const FwdParams& p, const RowsConfig& cfg, cudaStream_t stream) {
+  const int threads = threads_for(cfg);
+  const int64_t ctas = (p.rows + threads / cfg.tpr - 1) / (threads / cfg.tpr);
+  switch (cfg.iters) {
+    case 1: lngelu::fwd_rows_kernel<T, PT, VEC, 1, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
+    case 2: lngelu::fwd_rows_kernel<T, PT, VEC, 2, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
+    case 4: lngelu::fwd_rows_kernel<T, PT, VEC, 4, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
+    default: lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
   }
-  prepare(walkers);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&lc, kernel, p, cfg.tpr));
-  return walkers;
 }
 
-// Instantiates kernel<T, VEC, iters, cluster> for the runtime (iters, cluster).
-#define DEEPKERN_LNG_DISPATCH(KERNEL, T, VEC, cfg, ...)                                       \
-  [&]() -> int64_t {                                                                            \
-    switch ((cfg).cluster * 16 + (cfg).iters) {                                                 \
-      case 16 + 1: return launch_rows(KERNEL<T, VEC, 1, 1>, __VA_ARGS__);                        \
-      case 16 + 2: return launch_rows(KERNEL<T, VEC, 2, 1>, __VA_ARGS__);                        \
-      case 16 + 4: return launch_rows(KERNEL<T, VEC, 4, 1>, __VA_ARGS__);                        \
-      case 32 + 1: return launch_rows(KERNEL<T, VEC, 1, (VEC > 1 ? 2 : 1)>, __VA_ARGS__);        \
-      case 32 + 2: return launch_rows(KERNEL<T, VEC, 2, (VEC > 1 ? 2 : 1)>, __VA_ARGS__);        \
-      case 32 + 4: return launch_rows(KERNEL<T, VEC, 4, (VEC > 1 ? 2 : 1)>, __VA_ARGS__);        \
-      case 64 + 1: return launch_rows(KERNEL<T, VEC, 1, (VEC > 1 ? 4 : 1)>, __VA_ARGS__);        \
-      case 64 + 2: return launch_rows(KERNEL<T, VEC, 2, (VEC > 1 ? 4 : 1)>, __VA_ARGS__);        \
-      case 64 + 4: return launch_rows(KERNEL<T, VEC, 4, (VEC > 1 ? 4 : 1)>, __VA_ARGS__);        \
-      case 128 + 1: return launch_rows(KERNEL<T, VEC, 1, (VEC > 1 ? 8 : 1)>, __VA_ARGS__);       \
-      case 128 + 2: return launch_rows(KERNEL<T, VEC, 2, (VEC > 1 ? 8 : 1)>, __VA_ARGS__);       \
-      case 128 + 4: return launch_rows(KERNEL<T, VEC, 4, (VEC > 1 ? 8 : 1)>, __VA_ARGS__);       \
-    }                                                                                           \
-    TORCH_CHECK(false, "layernorm_gelu: no kernel for iters=", (cfg).iters, " cluster=", (cfg).cluster); \
-  }()
-
-template <typename T, int VEC>
-void launch_fwd(const FwdParams& p, int device, cudaStream_t stream) {
-  const RowsConfig cfg = rows_config(p.n / VEC, false, VEC > 1, device);
-  if (cfg.iters == 0) {
-    lngelu::fwd_loop_kernel<T, VEC><<<p.rows, 1024, 0, stream>>>(p);
-    return;
-  }
-  FwdParams q = p;
-  DEEPKERN_LNG_DISPATCH(lngelu::fwd_rows_kernel, T, VEC, cfg, q, cfg, device, stream,
-                        [](int64_t) {});
+// Persistent launch: as many walkers as fit on the GPU at once (capped by the rows).
+template <typename Kernel>
+int64_t walkers_for(Kernel kernel, const RowsConfig& cfg, int64_t rows, int device, size_t smem,
+                    int64_t& ctas) {
+  const int threads = threads_for(cfg);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const int rows_per_cta = threads / cfg.tpr;
+  ctas = std::min<int64_t>((rows + rows_per_cta - 1) / rows_per_cta,
+                           static_cast<int64_t>(std::max(per_sm, 1)) * num_sms(device));
+  return ctas * rows_per_cta;
 }
 
 // Returns the number of partial rows written.
-template <typename T, int VEC>
-int64_t launch_bwd(BwdParams p, const at::Tensor& x, int device, cudaStream_t stream,
-                   at::Tensor& dw_part, at::Tensor& db_part, at::Tensor& stats) {
+template <typename T, typename PT, int VEC, bool TANH>
+int64_t launch_bwd(BwdParams p, const RowsConfig& cfg, const at::Tensor& x, int device,
+                   cudaStream_t stream, at::Tensor& dw_part, at::Tensor& db_part,
+                   at::Tensor& stats) {
   const auto f32 = x.options().dtype(at::kFloat);
   auto alloc_parts = [&](int64_t slots) {
     if (p.w) dw_part = at::empty({slots, p.n}, f32);
@@ -164,15 +105,22 @@ int64_t launch_bwd(BwdParams p, const at::Tensor& x, int device, cudaStream_t st
     p.dw_part = p.w ? dw_part.data_ptr<float>() : nullptr;
     p.db_part = p.b ? db_part.data_ptr<float>() : nullptr;
   };
-  const RowsConfig cfg = rows_config(p.n / VEC, true, VEC > 1, device);
   if (cfg.iters != 0) {
-    return DEEPKERN_LNG_DISPATCH(lngelu::bwd_rows_kernel, T, VEC, cfg, p, cfg, device, stream,
-                                 alloc_parts);
+    auto run = [&](auto kernel) {
+      const size_t smem = lngelu::bwd_rows_smem(VEC, cfg.iters, threads_for(cfg));
+      int64_t ctas = 0;
+      const int64_t walkers = walkers_for(kernel, cfg, p.rows, device, smem, ctas);
+      alloc_parts(walkers);
+      kernel<<<ctas, threads_for(cfg), smem, stream>>>(p, cfg.tpr);
+      return walkers;
+    };
+    if (cfg.iters == 1) return run(lngelu::bwd_rows_kernel<T, PT, VEC, 1, TANH>);
+    return run(lngelu::bwd_rows_kernel<T, PT, VEC, 2, TANH>);
   }
   stats = at::empty({2, p.rows}, f32);
   p.row_c1 = stats.data_ptr<float>();
   p.row_c2 = p.row_c1 + p.rows;
-  lngelu::bwd_stats_kernel<T, VEC><<<p.rows, 1024, 0, stream>>>(p);
+  lngelu::bwd_stats_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int threads = 256;
   const int64_t col_blocks = (p.n / VEC + threads - 1) / threads;
@@ -182,8 +130,47 @@ int64_t launch_bwd(BwdParams p, const at::Tensor& x, int device, cudaStream_t st
   const int64_t rows_per_group = (p.rows + groups - 1) / groups;
   const int64_t slots = (p.rows + rows_per_group - 1) / rows_per_group;
   alloc_parts(slots);
-  lngelu::bwd_tiles_kernel<T, VEC><<<dim3(col_blocks, slots), threads, 0, stream>>>(p, rows_per_group);
+  lngelu::bwd_tiles_kernel<T, VEC, TANH><<<dim3(col_blocks, slots), threads, 0, stream>>>(p, rows_per_group);
   return slots;
+}
+
+template <typename F>
+void with_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, "layernorm_gelu: unsupported dtype ", dtype);
+  }
+}
+
+// Calls f(T{}, PT{}, VEC constant, TANH constant) for the runtime dtype, parameter dtype,
+// vector width and GELU variant.
+template <typename F>
+void dispatch(at::ScalarType dtype, bool params_fp32, bool vectorized, bool tanh_approx, F&& f) {
+  auto with_vec = [&](auto t, auto pt) {
+    using T = decltype(t);
+    auto with_tanh = [&](auto vec) {
+      if (tanh_approx)
+        f(t, pt, vec, std::true_type{});
+      else
+        f(t, pt, vec, std::false_type{});
+    };
+    if (vectorized)
+      with_tanh(std::integral_constant<int, 16 / sizeof(T)>{});
+    else
+      with_tanh(std::integral_constant<int, 1>{});
+  };
+  switch (dtype) {
+    case at::kFloat: with_vec(float{}, float{}); break;
+    case at::kHalf:
+      params_fp32 ? with_vec(__half{}, float{}) : with_vec(__half{}, __half{});
+      break;
+    case at::kBFloat16:
+      params_fp32 ? with_vec(__nv_bfloat16{}, float{}) : with_vec(__nv_bfloat16{}, __nv_bfloat16{});
+      break;
+    default: TORCH_CHECK(false, "layernorm_gelu: unsupported dtype ", dtype);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -217,16 +204,6 @@ bool params_fp32(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                  const std::optional<at::Tensor>& bias) {
   const auto& t = weight.has_value() ? weight : bias;
   return t.has_value() && t->scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
-}
-
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "layernorm_gelu: unsupported dtype ", dtype);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_fwd(
@@ -265,15 +242,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_fwd(
   p.n = n;
   p.eps = static_cast<float>(eps);
   p.rms = rmsnorm;
-  p.tanh = tanh_approx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int kVec = 16 / sizeof(T);
-    if (vector_ok<T>({p.x, p.res, p.w, p.b}, {p.x_stride, p.res_stride}, n))
-      launch_fwd<T, kVec>(p, device, stream);
-    else
-      launch_fwd<T, 1>(p, device, stream);
+  bool vectorized = false;
+  with_dtype(x.scalar_type(), [&](auto t) {
+    vectorized = vector_ok<decltype(t)>({p.x, p.res, p.w, p.b}, {p.x_stride, p.res_stride}, n);
+  });
+  dispatch(x.scalar_type(), p.params_fp32, vectorized, tanh_approx, [&](auto t, auto pt, auto vec, auto tanh_c) {
+    const RowsConfig cfg = rows_config(n / vec, false);
+    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, h, mean, rstd};
@@ -321,17 +297,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_bwd(
   p.rows = rows;
   p.n = n;
   p.rms = rmsnorm;
-  p.tanh = tanh_approx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dw_part, db_part, stats;
   int64_t slots = 0;
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    constexpr int kVec = 16 / sizeof(T);
-    if (vector_ok<T>({p.x, p.dy, p.w, p.b}, {p.x_stride, p.dy_stride}, n))
-      slots = launch_bwd<T, kVec>(p, x, device, stream, dw_part, db_part, stats);
-    else
-      slots = launch_bwd<T, 1>(p, x, device, stream, dw_part, db_part, stats);
+  bool vectorized = false;
+  with_dtype(x.scalar_type(), [&](auto t) {
+    vectorized = vector_ok<decltype(t)>({p.x, p.dy, p.w, p.b}, {p.x_stride, p.dy_stride}, n);
+  });
+  dispatch(x.scalar_type(), p.params_fp32, vectorized, tanh_approx, [&](auto t, auto pt, auto vec, auto tanh_c) {
+    const RowsConfig cfg = rows_config(n / vec, true);
+    slots = launch_bwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, x, device, stream, dw_part,
+                                                               db_part, stats);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 block(32, 8);
