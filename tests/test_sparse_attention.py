@@ -172,6 +172,7 @@ SMALL = [  # B, S, Hq, Hkv, bs, topk, sink, local, causal
     (1, 130, 2, 1, 64, 1, 0, 1, False),
     (1, 1, 2, 1, 32, 2, 1, 2, True),
     (1, 64, 2, 2, 32, 1, 1, 1, True),
+    (1, 300, 2, 1, 128, 1, 1, 1, True),
 ]
 
 
@@ -254,6 +255,21 @@ def test_forward_backward(device, cfg):
     assert torch.equal(idx, deepkern.select_blocks(q, k, bs, topk, sink, local, causal,
                                                    backend="triton"))
     _check_fwd_bwd(q, k, v, out, idx.cpu(), bs, causal, 1 / 8, torch.float16)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_chunk_loops(device, causal, monkeypatch):
+    """One head per Q tile in every kernel: the group's heads are looped (the path taken when
+    heads x block_size exceeds the tile limits, e.g. Hq/Hkv = 8 at block 64)."""
+    from deepkern.triton_kernels import sparse_attention as kernels
+
+    for name in ("MAX_ROWS_FWD", "MAX_ROWS_DQ", "MAX_ROWS_DKDV"):
+        monkeypatch.setattr(kernels, name, 32)
+    q, k, v = _inputs(1, 150, 4, 1, 64, torch.float16, device, grad=True)
+    out, idx = deepkern.sparse_attention(q, k, v, 32, 1, 1, 1, causal, return_indices=True,
+                                         backend="triton")
+    _check_fwd_bwd(q, k, v, out, idx.cpu(), 32, causal, 1 / 8, torch.float16)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

@@ -30,8 +30,11 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MAX_ROWS_FWD = 128  # rows (heads x tokens) of a forward Q tile
-MAX_ROWS_BWD = 64  # rows of a dq / dk-dv Q tile
+# Rows (heads x tokens) of the Q tile per step; the group's heads beyond that are looped.
+# Untuned first choices (the Triton FA tutorial's M: 128 forward, 64 backward); retune on H100.
+MAX_ROWS_FWD = 128
+MAX_ROWS_DQ = 64
+MAX_ROWS_DKDV = 64
 
 
 @triton.jit
@@ -352,11 +355,11 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
     lse = lse.contiguous()
     delta = torch.empty((B, S, Hq), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * LOG2E
-    hpp = _heads_per_tile(G, block_size, MAX_ROWS_BWD)
     warps = 8 if D >= 128 else 4
     # 128 x 128 tiles (block 128, D 128): q, dO, k, v tiles alone take 128 KB of shared
     # memory, so no multi-buffering of the loads (it would not fit in 227 KB with scratch).
     stages = 1 if block_size * D >= 128 * 128 else 2
+    hpp = _heads_per_tile(G, block_size, MAX_ROWS_DQ)
     _dq_kernel[(nb, B * Hkv)](
         q, k, v, out, dout, lse, delta, dq, indices,
         S, nb, indices.shape[-1], Hq, Hkv, G,
@@ -365,11 +368,12 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
         CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, num_warps=warps, num_stages=stages,
     )
     offs, qlist = transpose_indices(indices, nb)
+    hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
     _dkdv_kernel[(nb * B * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv, offs, qlist,
         S, nb, B * Hkv, Hq, Hkv, G,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         qk_scale, softmax_scale,
-        CAUSAL=causal, BS=block_size, D=D, HPQ=hpp, num_warps=warps, num_stages=stages,
+        CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
