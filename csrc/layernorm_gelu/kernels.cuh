@@ -135,7 +135,7 @@ __device__ __forceinline__ Pack<T, VEC> fetch_pack(const void* base, int64_t row
 // Forward, row in registers: threads [g * tpr, (g + 1) * tpr) of a CTA serve row g of the
 // CTA's blockDim / tpr rows; thread t holds vectors t, t + tpr, ... (coalesced for each i).
 template <typename T, typename PT, int VEC, int ITERS, bool TANH>
-__global__ void __launch_bounds__(1024) fwd_rows_kernel(FwdParams p, int tpr) {
+__global__ void __launch_bounds__(ITERS >= 8 ? 256 : 1024) fwd_rows_kernel(FwdParams p, int tpr) {
   __shared__ float scratch[2][32];
   const int group = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + group;
@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(1024) fwd_rows_kernel(FwdParams p, int tpr) {
     p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
-  const float shift = -mean * rstd;
+  // (v - mean) * rstd, not fma(v, rstd, -mean * rstd): the latter loses digits when
+  // |mean| >> std.
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
     const int vi = i * tpr + t;
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(1024) fwd_rows_kernel(FwdParams p, int tpr) {
     float w[VEC], b[VEC], out[VEC];
     load_wb<PT, VEC>(p.w, p.b, vi * VEC, w, b);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = gelu<TANH>(fmaf(fmaf(v[i][j], rstd, shift), w[j], b[j]));
+    for (int j = 0; j < VEC; ++j) out[j] = gelu<TANH>(fmaf((v[i][j] - mean) * rstd, w[j], b[j]));
     store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, out);
   }
 }
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(1024) fwd_rows_kernel(FwdParams p, int tpr) {
 // kernel under 64 registers at 1024 threads; the next row's x and dy are loaded before the
 // current row is reduced.
 template <typename T, typename PT, int VEC, int ITERS, bool TANH>
-__global__ void __launch_bounds__(1024) bwd_rows_kernel(BwdParams p, int tpr) {
+__global__ void __launch_bounds__(1024 / ITERS) bwd_rows_kernel(BwdParams p, int tpr) {
   extern __shared__ float4 dyn_smem[];
   float* acc = reinterpret_cast<float*>(dyn_smem);  // [ITERS][blockDim][2][VEC]
   __shared__ float scratch[2][32];

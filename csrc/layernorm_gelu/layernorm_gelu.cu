@@ -32,22 +32,42 @@ struct RowsConfig {
   int tpr = 0;  // threads per row
 };
 
-constexpr int kMaxThreads = 1024;
+// Threads per row at most, by vectors per thread (the kernels' launch bounds).
+constexpr int max_tpr(int iters, bool backward) {
+  return backward ? 1024 / iters : (iters >= 8 ? 256 : 1024);
+}
 
+// H100 sweep (bf16, forward): 4 vectors per thread at 256 threads per row beat 1 vector at
+// 1024 (16384x8192: 294 us vs 629 us; 32768x5120: 373 vs 571): fewer threads per row means
+// cheaper row reductions and more rows in flight per SM. So: the most vectors per thread
+// (up to 4 forward, 2 backward) that still leave >= 128 threads per row, fewer when the row
+// is short (one warp per row below 128 vectors forward).
 RowsConfig rows_config(int nvec, bool backward) {
-  // Forward: one warp per row for short rows (no CTA barriers in the reductions). Backward
-  // holds 4 values per element, so it spreads short rows over more threads instead (at 4
-  // vectors per thread it spilled).
-  if (nvec <= 32) return {1, 32};
-  if (!backward && nvec <= 64) return {2, 32};
-  if (!backward && nvec <= 128) return {4, 32};
-  int iters = 1;
+  int force = 0;  // tuning sweeps: DEEPKERN_LNG_{FWD,BWD}_ITERS
   if (const char* env = std::getenv(backward ? "DEEPKERN_LNG_BWD_ITERS" : "DEEPKERN_LNG_FWD_ITERS"))
-    iters = std::atoi(env);  // tuning sweeps only
-  const int max_iters = backward ? 2 : 4;  // backward holds 4 arrays per vector
-  for (; iters <= max_iters; iters *= 2) {
+    force = std::atoi(env);
+  auto make = [&](int iters) {
     const int tpr = ((nvec + iters - 1) / iters + 31) / 32 * 32;
-    if (tpr <= kMaxThreads) return {iters, tpr};
+    return tpr <= max_tpr(iters, backward) ? RowsConfig{iters, tpr} : RowsConfig{};
+  };
+  if (force == 1 || force == 2 || force == 4 || force == 8) {
+    const RowsConfig cfg = make(force);
+    if (cfg.iters != 0) return cfg;
+  }
+  if (nvec <= 32) return {1, 32};
+  if (!backward) {
+    if (nvec <= 64) return {2, 32};
+    if (nvec <= 128) return {4, 32};
+  }
+  const int max_iters = backward ? 2 : 4;
+  for (int iters = max_iters; iters >= 1; iters /= 2)
+    if ((nvec + iters - 1) / iters >= 128 || iters == 1) {
+      const RowsConfig cfg = make(iters);
+      if (cfg.iters != 0) return cfg;
+    }
+  for (int iters = max_iters * 2; iters <= 8; iters *= 2) {
+    const RowsConfig cfg = make(iters);
+    if (cfg.iters != 0) return cfg;
   }
   return {};
 }
@@ -67,13 +87,18 @@ int threads_for(const RowsConfig& cfg) { return std::max(cfg.tpr, 128); }
 
 template <typename T, typename PT, int VEC, bool TANH>
 void launch_fwd(const FwdParams& p, const RowsConfig& cfg, cudaStream_t stream) {
+  if (cfg.iters == 0) {
+    lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
+    return;
+  }
   const int threads = threads_for(cfg);
-  const int64_t ctas = (p.rows + threads / cfg.tpr - 1) / (threads / cfg.tpr);
+  const int rows_per_cta = threads / cfg.tpr;
+  const int64_t ctas = (p.rows + rows_per_cta - 1) / rows_per_cta;
   switch (cfg.iters) {
     case 1: lngelu::fwd_rows_kernel<T, PT, VEC, 1, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
     case 2: lngelu::fwd_rows_kernel<T, PT, VEC, 2, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
     case 4: lngelu::fwd_rows_kernel<T, PT, VEC, 4, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr); break;
-    default: lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
+    default: lngelu::fwd_rows_kernel<T, PT, VEC, 8, TANH><<<ctas, threads, 0, stream>>>(p, cfg.tpr);
   }
 }
 
@@ -114,8 +139,11 @@ int64_t launch_bwd(BwdParams p, const RowsConfig& cfg, const at::Tensor& x, int 
       kernel<<<ctas, threads_for(cfg), smem, stream>>>(p, cfg.tpr);
       return walkers;
     };
-    if (cfg.iters == 1) return run(lngelu::bwd_rows_kernel<T, PT, VEC, 1, TANH>);
-    return run(lngelu::bwd_rows_kernel<T, PT, VEC, 2, TANH>);
+    switch (cfg.iters) {
+      case 1: return run(lngelu::bwd_rows_kernel<T, PT, VEC, 1, TANH>);
+      case 2: return run(lngelu::bwd_rows_kernel<T, PT, VEC, 2, TANH>);
+      default: return run(lngelu::bwd_rows_kernel<T, PT, VEC, 4, TANH>);
+    }
   }
   stats = at::empty({2, p.rows}, f32);
   p.row_c1 = stats.data_ptr<float>();
