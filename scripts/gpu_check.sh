@@ -35,9 +35,9 @@ grep -E "spill (stores|loads)" "$OUT/build.log" | grep -v " 0 bytes spill" | sor
 head -12 "$OUT/info.txt"
 
 t0=$SECONDS
-$PY -m pytest -q -ra > "$OUT/tests.log" 2>&1
+$PY -m pytest -v -rfE --tb=line --durations=20 > "$OUT/tests.log" 2>&1
 TEST_RC=$?
-tail -25 "$OUT/tests.log"
+grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -40
 echo "tests: rc=$TEST_RC in $((SECONDS - t0)) s"
 
 t0=$SECONDS

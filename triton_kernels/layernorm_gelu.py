@@ -1,5 +1,8 @@
 """Triton kernels for fused LayerNorm/RMSNorm + GELU (forward and backward) and their launchers.
 
+Row statistics divide with tl.math.div_rn: Triton's `/` on fp32 is an approximate division,
+and e.g. a 1-element row must give x - mean == 0 exactly.
+
 Same contract as the CUDA op (csrc/layernorm_gelu/): x is 2-D [rows, hidden] with a unit last
 stride; outputs are contiguous; mean/rstd are fp32 [rows] (mean is 0 for rmsnorm).
 
@@ -84,10 +87,10 @@ def _fwd_row_kernel(
         xc = x
         tl.store(Mean + row, 0.0)
     else:
-        mean = tl.sum(x, axis=0) / N
+        mean = tl.math.div_rn(tl.sum(x, axis=0), N.to(tl.float32))
         xc = tl.where(mask, x - mean, 0.0)
         tl.store(Mean + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.math.div_rn(tl.sum(xc * xc, axis=0), N.to(tl.float32)) + eps)
     tl.store(Rstd + row, rstd)
     y = _affine_gelu(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -130,7 +133,7 @@ def _fwd_loop_kernel(
         count += n_chunk
     if RMS:
         mean = 0.0
-    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.math.div_rn(m2, N.to(tl.float32)) + eps)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
     # Pass 2: re-read (h when a residual was added; the chunks are likely still in L2).
@@ -169,11 +172,11 @@ def _bwd_rows_kernel(
         dw += dz * xhat
         db += dz
         dxhat = dz * w
-        c2 = tl.sum(dxhat * xhat, axis=0) / N
+        c2 = tl.math.div_rn(tl.sum(dxhat * xhat, axis=0), N.to(tl.float32))
         if RMS:
             dx = rstd * (dxhat - xhat * c2)
         else:
-            c1 = tl.sum(dxhat, axis=0) / N
+            c1 = tl.math.div_rn(tl.sum(dxhat, axis=0), N.to(tl.float32))
             dx = rstd * (dxhat - c1 - xhat * c2)
         tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
@@ -204,8 +207,8 @@ def _bwd_row_stats_kernel(
         dxhat = dy * _gelu_grad(xhat * w + b, TANH) * w
         s1 += dxhat
         s2 += dxhat * xhat
-    tl.store(C1 + row, tl.sum(s1, axis=0) / N)
-    tl.store(C2 + row, tl.sum(s2, axis=0) / N)
+    tl.store(C1 + row, tl.math.div_rn(tl.sum(s1, axis=0), N.to(tl.float32)))
+    tl.store(C2 + row, tl.math.div_rn(tl.sum(s2, axis=0), N.to(tl.float32)))
 
 
 @triton.jit
