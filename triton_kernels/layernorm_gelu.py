@@ -1,7 +1,8 @@
 """Triton kernels for fused LayerNorm/RMSNorm + GELU (forward and backward) and their launchers.
 
-Row statistics divide with tl.math.div_rn: Triton's `/` on fp32 is an approximate division,
-and e.g. a 1-element row must give x - mean == 0 exactly.
+Row statistics multiply by inv_n = 1/n computed on the host: Triton's `/` on fp32 is an
+approximate division, and e.g. a 1-element row must give x - mean == 0 exactly. (n is also
+passed: Triton specializes an int argument equal to 1 into a constant.)
 
 Same contract as the CUDA op (csrc/layernorm_gelu/): x is 2-D [rows, hidden] with a unit last
 stride; outputs are contiguous; mean/rstd are fp32 [rows] (mean is 0 for rmsnorm).
@@ -70,7 +71,7 @@ def _affine_gelu(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexp
 @triton.jit
 def _fwd_row_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
-    N, stride_x, stride_r, eps,
+    N, stride_x, stride_r, eps, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -87,10 +88,10 @@ def _fwd_row_kernel(
         xc = x
         tl.store(Mean + row, 0.0)
     else:
-        mean = tl.math.div_rn(tl.sum(x, axis=0), N.to(tl.float32))
+        mean = tl.sum(x, axis=0) * inv_n
         xc = tl.where(mask, x - mean, 0.0)
         tl.store(Mean + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.math.div_rn(tl.sum(xc * xc, axis=0), N.to(tl.float32)) + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) * inv_n + eps)
     tl.store(Rstd + row, rstd)
     y = _affine_gelu(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -99,7 +100,7 @@ def _fwd_row_kernel(
 @triton.jit
 def _fwd_loop_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
-    N, stride_x, stride_r, eps,
+    N, stride_x, stride_r, eps, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -133,7 +134,7 @@ def _fwd_loop_kernel(
         count += n_chunk
     if RMS:
         mean = 0.0
-    rstd = 1.0 / tl.sqrt(tl.math.div_rn(m2, N.to(tl.float32)) + eps)
+    rstd = 1.0 / tl.sqrt(m2 * inv_n + eps)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
     # Pass 2: re-read (h when a residual was added; the chunks are likely still in L2).
@@ -151,7 +152,7 @@ def _fwd_loop_kernel(
 @triton.jit
 def _bwd_rows_kernel(
     DY, X, W, B, Mean, Rstd, DX, DWp, DBp,
-    n_rows, N, stride_dy, stride_x,
+    n_rows, N, stride_dy, stride_x, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -172,11 +173,11 @@ def _bwd_rows_kernel(
         dw += dz * xhat
         db += dz
         dxhat = dz * w
-        c2 = tl.math.div_rn(tl.sum(dxhat * xhat, axis=0), N.to(tl.float32))
+        c2 = tl.sum(dxhat * xhat, axis=0) * inv_n
         if RMS:
             dx = rstd * (dxhat - xhat * c2)
         else:
-            c1 = tl.math.div_rn(tl.sum(dxhat, axis=0), N.to(tl.float32))
+            c1 = tl.sum(dxhat, axis=0) * inv_n
             dx = rstd * (dxhat - c1 - xhat * c2)
         tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
@@ -188,7 +189,7 @@ def _bwd_rows_kernel(
 @triton.jit
 def _bwd_row_stats_kernel(
     DY, X, W, B, Mean, Rstd, C1, C2,
-    N, stride_dy, stride_x,
+    N, stride_dy, stride_x, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -207,8 +208,8 @@ def _bwd_row_stats_kernel(
         dxhat = dy * _gelu_grad(xhat * w + b, TANH) * w
         s1 += dxhat
         s2 += dxhat * xhat
-    tl.store(C1 + row, tl.math.div_rn(tl.sum(s1, axis=0), N.to(tl.float32)))
-    tl.store(C2 + row, tl.math.div_rn(tl.sum(s2, axis=0), N.to(tl.float32)))
+    tl.store(C1 + row, tl.sum(s1, axis=0) * inv_n)
+    tl.store(C2 + row, tl.sum(s2, axis=0) * inv_n)
 
 
 @triton.jit
@@ -295,7 +296,7 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
         x, residual if residual is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         y, h if residual is not None else dummy, mean, rstd,
-        n, x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        n, x.stride(0), residual.stride(0) if residual is not None else 0, eps, 1.0 / n,
     )
     flags = dict(
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
@@ -353,14 +354,14 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
         dwp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
         dbp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
         _bwd_rows_kernel[(programs,)](
-            dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0),
+            dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n,
             **flags, BLOCK_N=block_n,
             num_warps=config.get("num_warps", max(4, min(16, block_n // 512))),
         )
     else:
         stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
         _bwd_row_stats_kernel[(rows,)](
-            dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0),
+            dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0), 1.0 / n,
             HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh,
             BLOCK_N=config.get("block", LOOP_BLOCK), num_warps=config.get("num_warps", 8),
         )

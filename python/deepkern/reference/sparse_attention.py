@@ -154,7 +154,7 @@ def sparse_attention_ref(q, k, v, indices, block_size: int = 64, causal: bool = 
 
     qb = _blocked(q.to(ct), bs).reshape(B, Hkv, G, nb, bs, D).transpose(2, 3)  # [B,Hkv,nb,G,bs,D]
     kb, vb = _blocked(k.to(ct), bs), _blocked(v.to(ct), bs)  # [B, Hkv, nb, bs, D]
-    idx = indices.long()
+    idx = indices.to(dev).long()
     qblock = torch.arange(nb, device=dev)[:, None]
     valid = idx >= 0
     if causal:
