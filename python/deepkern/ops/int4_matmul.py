@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from deepkern import _backend
+from deepkern.ops._layout import as_rows
 from deepkern.quant.int4 import Int4Weight, effective_group_size
 from deepkern.reference.int4_matmul import int4_matmul_ref_parts
 
@@ -85,7 +86,7 @@ def _make_backward(bwd_op):
         packed, scales, zeros = ctx.saved_tensors
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = bwd_op(_rows(dy), packed, scales, zeros, ctx.group, ctx.k)
+            dx = bwd_op(as_rows(dy), packed, scales, zeros, ctx.group, ctx.k)
         if ctx.needs_input_grad[5]:
             db = dy.sum(dim=0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, None, None, None, None, db
@@ -104,20 +105,6 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------------------------------
 # Validation and backend choice
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D [rows, last] view with unit last stride and one row stride (copies only when the
-    layout has no such view, e.g. a transposed or expanded tensor)."""
-    n = t.shape[-1]
-    if t.stride(-1) == 1:
-        try:
-            v = t.view(-1, n)
-            if v.shape[0] <= 1 or v.stride(0) >= n:
-                return v
-        except RuntimeError:
-            pass
-    return t.reshape(-1, n).contiguous()
 
 
 def _check(who, x, packed, scales, n, k, bias):
@@ -184,7 +171,7 @@ def int4_matmul_parts(
     if choice == "torch":
         return int4_matmul_ref_parts(x, packed, scales, zeros, k, group_size, bias)
     y = torch.ops.deepkern_triton.int4_matmul(
-        _rows(x), packed, scales, zeros, effective_group_size(group_size, k),
+        as_rows(x), packed, scales, zeros, effective_group_size(group_size, k),
         bias.contiguous() if bias is not None else None,
     )
     return y.view(*x.shape[:-1], n)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from deepkern import _backend
+from deepkern.ops._layout import as_rows
 from deepkern._ext import has_cuda_ext
 from deepkern.reference.layernorm_gelu import layernorm_gelu_ref
 
@@ -87,7 +88,7 @@ def _make_backward(bwd_op):
     def backward(ctx, dy, dh, _dmean, _drstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         rmsnorm, tanh, has_residual = ctx.flags
-        dx, dw, db = bwd_op(_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
+        dx, dw, db = bwd_op(as_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
         if has_residual and dh is not None:
             dx = dx + dh.reshape(dx.shape)
         return (
@@ -128,22 +129,6 @@ def _fwd_op(backend: str):
 
 # ------------------------------------------------------------------------------------------
 # Validation and backend choice
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D [rows, hidden] view with unit last stride and one row stride (copies only when
-    the layout has no such view, e.g. a transposed or expanded tensor)."""
-    n = t.shape[-1]
-    if t.dim() == 2 and t.stride(1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= n):
-        return t
-    if t.stride(-1) == 1:
-        try:
-            v = t.view(-1, n)
-            if v.shape[0] <= 1 or v.stride(0) >= n:
-                return v
-        except RuntimeError:
-            pass
-    return t.reshape(-1, n).contiguous()
 
 
 def _check(x, weight, bias, eps, approximate, residual, norm):
@@ -253,10 +238,10 @@ def layernorm_gelu(
         return layernorm_gelu_ref(x, weight, bias, eps, approximate, residual, norm)
     shape = x.shape
     y, h, _, _ = _fwd_op(choice)(
-        _rows(x),
+        as_rows(x),
         weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None,
-        _rows(residual) if residual is not None else None,
+        as_rows(residual) if residual is not None else None,
         float(eps),
         norm == "rmsnorm",
         approximate == "tanh",
