@@ -57,3 +57,9 @@ KERNEL_DEVICES = [
     ),
     pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
 ]
+
+# For tests whose point is the interpreter itself (Triton kernels on CPU tensors).
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETING,
+    reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (CPU-only machines)",
+)

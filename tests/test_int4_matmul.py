@@ -7,7 +7,7 @@ interpreter's bf16 tl.dot is broken); the `cuda` tests cover the issue's shapes 
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICES
+from conftest import KERNEL_DEVICES, needs_interpreter
 from helpers import assert_close
 
 import deepkern
@@ -78,26 +78,28 @@ def test_forward_odd_shapes_every_path(device, config, n, k, group_size):
     _check(3, n, k, group_size, device=device, config=config, bias=True, batch=(2,))
 
 
-def test_dequantization_is_exact():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_dequantization_is_exact(device):
     """Identity activations read the dense weight back: every kernel path builds exactly
     Int4Weight.dequantize(x.dtype) (GEMV, per-tile and per-word scales, the dx kernel)."""
     for group_size, k in ((32, 64), (64, 128), (-1, 36)):
         for symmetric in (False, True):
-            w = _weight(24, k, group_size, symmetric)
+            w = _weight(24, k, group_size, symmetric, device=device)
             dense = w.dequantize(torch.float16)
-            eye_k = torch.eye(k, dtype=torch.float16)
+            eye_k = torch.eye(k, dtype=torch.float16, device=device)
             some = torch.randperm(k)[:8]  # GEMV runs one program row per x row: a sample
             for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 16, 1), slice(None))):
                 y = kernels.int4_matmul_fwd(eye_k[rows], w.packed, w.scales, w.zeros, w.group_len, None, config)
                 assert torch.equal(y, dense.T[rows]), f"{config} g={group_size}"
-            dx = kernels.int4_matmul_dx(torch.eye(24, dtype=torch.float16), w.packed, w.scales,
-                                        w.zeros, w.group_len, k)
+            eye_n = torch.eye(24, dtype=torch.float16, device=device)
+            dx = kernels.int4_matmul_dx(eye_n, w.packed, w.scales, w.zeros, w.group_len, k)
             assert torch.equal(dx, dense)
 
 
-def test_split_k_is_deterministic_and_matches():
-    w = _weight(40, 512, 32)
-    x = _x(3, 512, torch.float16, "cpu")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_split_k_is_deterministic_and_matches(device):
+    w = _weight(40, 512, 32, device=device)
+    x = _x(3, 512, torch.float16, device)
     with config_override(Config("dot", 16, 32, 64, 4)):
         a = deepkern.int4_matmul(x, w, backend="triton")
         b = deepkern.int4_matmul(x, w, backend="triton")
@@ -107,6 +109,7 @@ def test_split_k_is_deterministic_and_matches():
     assert_close(a, c.double(), torch.float16)
 
 
+@needs_interpreter
 def test_gemv_bf16_in_interpreter():
     """The GEMV kernel has no tl.dot, so bf16 runs in the interpreter too (launcher direct)."""
     w = _weight(40, 256, 64, dtype=torch.bfloat16)
@@ -185,16 +188,19 @@ def test_backward(device, m, n, k, group_size):
     _check_backward(m, n, k, group_size, device)
 
 
-def test_expanded_gradient_and_x_only():
-    w = _weight(24, 128, 32)
-    x = _x(4, 128, torch.float16, "cpu").requires_grad_(True)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_expanded_gradient_and_x_only(device):
+    w = _weight(24, 128, 32, device=device)
+    x = _x(4, 128, torch.float16, device).requires_grad_(True)
     deepkern.int4_matmul(x, w, backend="triton").sum().backward()  # stride-0 dy
-    assert_close(x.grad, torch.ones(4, 24, dtype=torch.float64) @ w.dequantize().double(), torch.float16)
+    assert_close(x.grad, torch.ones(4, 24, dtype=torch.float64) @ w.dequantize().double().cpu(),
+                 torch.float16)
 
 
-def test_weight_is_frozen():
-    w = _weight(24, 128, 32)
-    x = _x(2, 128, torch.float16, "cpu")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_weight_is_frozen(device):
+    w = _weight(24, 128, 32, device=device)
+    x = _x(2, 128, torch.float16, device)
     w.scales.requires_grad_(True)
     with pytest.raises(RuntimeError, match="Int4Weight is frozen"):
         deepkern.int4_matmul(x, w, backend="triton")
@@ -365,12 +371,13 @@ def test_bad_input(make, exc, match):
         deepkern.int4_matmul(*make(w))
 
 
-def test_backend_refusals():
-    w = _weight(24, 128, 32)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_backend_refusals(device):
+    w = _weight(24, 128, 32, device=device)
     with pytest.raises(deepkern.BackendUnavailableError, match=r"not implemented yet \(issue 6\)"):
-        deepkern.int4_matmul(torch.randn(2, 128).half(), w, backend="cuda")
+        deepkern.int4_matmul(torch.randn(2, 128, device=device).half(), w, backend="cuda")
     with pytest.raises(deepkern.BackendUnavailableError, match="float32 runs on backend='torch'"):
-        deepkern.int4_matmul(torch.randn(2, 128), w, backend="triton")
+        deepkern.int4_matmul(torch.randn(2, 128, device=device), w, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
         with config_override(Config("dot", 16, 48, 64)):
             pass
