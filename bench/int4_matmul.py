@@ -153,21 +153,24 @@ def _candidates(m: int):
     from deepkern.triton_kernels.int4_matmul import Config
 
     if m == 1:
-        return [Config("gemv", 1, bn, bk, 0, num_warps=4, num_stages=3, waves=wv)
-                for bn in (16, 32, 64) for bk in (256, 512) for wv in (2, 4, 8)]
+        return [Config("gemv", 1, bn, bk, 0, num_warps=nw, num_stages=1, waves=2, prefetch=pf)
+                for bn in (8, 16, 32) for bk in (512, 1024, 2048) for nw in (4, 8)
+                for pf in (False, True) if bn * bk <= 32768]
     if m <= 256:
         bm = 16 if m <= 16 else 64
-        return [Config("dot", bm, bn, bk, 0, num_warps=4, num_stages=ns, waves=wv)
-                for bn in (32, 64, 128) for bk in (64, 128) for ns in (3, 4) for wv in (2, 4)]
-    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=3)
-            for bm in (64, 128) for bn in (64, 128) for bk in (32, 64) for nw in (4, 8)]
+        return [Config("dot", bm, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv)
+                for bn in (32, 64, 128) for bk in (64, 128, 256) for ns in (3, 5)
+                for wv in (2, 4) for nw in (4,) if bn * bk <= 16384]
+    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=ns)
+            for bm in (64, 128) for bn in (128, 256) for bk in (32, 64) for nw in (4, 8)
+            for ns in (3, 4) if bm * bn <= 16384]
 
 
-def sweep(quick: bool, only_m: list[int] | None) -> None:
+def sweep(quick: bool, only_m: list[int] | None, shapes: list[tuple[int, int]] | None = None) -> None:
     """Prints, per shape and M, cuBLAS fp16 and the three fastest candidate configs."""
     from deepkern.triton_kernels.int4_matmul import config_override
 
-    for k, n in QUICK_SHAPES if quick else SHAPES:
+    for k, n in shapes or (QUICK_SHAPES if quick else SHAPES):
         for m in only_m or (QUICK_MS if quick else MS):
             x, w = _data(m, n, k)
             dense = w.dequantize(torch.float16)
@@ -192,8 +195,10 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", action="store_true", help="time candidate configs (GPU)")
     parser.add_argument("--quick", action="store_true", help="the quick shape only")
     parser.add_argument("--m", type=int, action="append", help="only this M (repeatable)")
+    parser.add_argument("--shape", action="append", metavar="K,N", help="only this (K, N) (repeatable)")
     args = parser.parse_args()
     if args.sweep:
-        sweep(args.quick, args.m)
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else None
+        sweep(args.quick, args.m, shapes)
     else:
         print("\n".join(smoke()))

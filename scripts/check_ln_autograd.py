@@ -26,3 +26,18 @@ for be in ("triton", "cuda"):
 _, _, mean, rstd = tk.layernorm_gelu_fwd(x.detach(), w.detach(), b.detach(), None, 1e-5, False, False)
 print("triton direct bwd", round(t(lambda: tk.layernorm_gelu_bwd(dy, x.detach(), w.detach(), b.detach(), mean, rstd, False, False)), 1))
 print("triton op bwd", round(t(lambda: torch.ops.deepkern_triton.layernorm_gelu_bwd(dy, x.detach(), w.detach(), b.detach(), mean, rstd, False, False)), 1))
+
+# Kernel-level view of one forward+backward per backend: which kernels run and for how long.
+from torch.profiler import ProfilerActivity, profile
+
+for be in ("triton", "cuda"):
+    fn = lambda: torch.autograd.grad(deepkern.layernorm_gelu(x, w, b, backend=be), (x, w, b), dy)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    print(f"--- {be}: kernels over 5 fwd+bwd")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

@@ -19,6 +19,7 @@ from deepkern.triton_kernels.int4_matmul import Config, config_override
 GEMV = Config("gemv", 1, 16, 64, 0)
 DOT = Config("dot", 16, 32, 64, 0)
 DOT_NOSPLIT = Config("dot", 16, 16, 32, 1)
+GEMV_PREFETCH = Config("gemv", 1, 16, 32, 0, prefetch=True)  # several tiles per split
 
 
 def _weight(n, k, group_size=64, symmetric=False, device="cpu", dtype=torch.float16):
@@ -70,7 +71,8 @@ def test_forward_group_sizes(device, group_size, symmetric):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("config", [GEMV, DOT, DOT_NOSPLIT], ids=["gemv", "dot", "dot-nosplit"])
+@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT],
+                         ids=["gemv", "gemv-prefetch", "dot", "dot-nosplit"])
 @pytest.mark.parametrize("n, k, group_size", [(13, 320, 64), (7, 100, -1), (33, 96, 32)])
 def test_forward_odd_shapes_every_path(device, config, n, k, group_size):
     """K not a multiple of the K tile (320 = 5 x 64), K % 8 != 0 (channelwise 100), groups
@@ -88,7 +90,7 @@ def test_dequantization_is_exact(device):
             dense = w.dequantize(torch.float16)
             eye_k = torch.eye(k, dtype=torch.float16, device=device)
             some = torch.randperm(k)[:8]  # GEMV runs one program row per x row: a sample
-            for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 16, 1), slice(None))):
+            for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 32, 1), slice(None))):
                 y = kernels.int4_matmul_fwd(eye_k[rows], w.packed, w.scales, w.zeros, w.group_len, None, config)
                 assert torch.equal(y, dense.T[rows]), f"{config} g={group_size}"
             eye_n = torch.eye(24, dtype=torch.float16, device=device)
@@ -291,7 +293,7 @@ def test_forward_gpu_group_sizes(dtype, group_size, symmetric):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", [GEMV, DOT, DOT_NOSPLIT, Config("dot", 64, 64, 128, 3),
+@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT, Config("dot", 64, 64, 128, 3),
                                     Config("gemv", 1, 64, 512, 0, num_warps=8)], ids=str)
 def test_forward_gpu_every_config(config):
     for dtype in (torch.float16, torch.bfloat16):

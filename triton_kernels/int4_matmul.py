@@ -56,6 +56,7 @@ class Config:
     num_stages: int = 3
     group_m: int = 8  # dot: programs sharing weight columns run close in time (L2 reuse)
     waves: int = 2  # programs per SM that split_k=0 aims for
+    prefetch: bool = False  # gemv: load the next weight tile before unpacking this one
 
 
 _BIG = 1 << 62
@@ -63,11 +64,15 @@ _BIG = 1 << 62
 # streams once per BLOCK_M rows of x, so small M wants narrow tiles and many K splits, large M
 # the largest tiles that keep the tensor cores fed.
 CONFIGS: dict[str, list[tuple[int, int, int, Config]]] = {
+    # H100 sweeps (bench/int4_matmul.py --sweep, 2026-11-22), (K, N) = (8192, 8192) unless
+    # said: M=1 46 us (cuBLAS fp16 60); (8192, 28672) 80 us with the prefetching row (178);
+    # M=16 86 us (60); M=128 93 us (61). The old guesses: 258, 258 and 182 us.
     "sm90": [
-        (1, _BIG, _BIG, Config("gemv", 1, 32, 256, 0, num_warps=4, num_stages=4, waves=4)),
-        (16, _BIG, _BIG, Config("dot", 16, 64, 128, 0, num_warps=4, num_stages=4, waves=3)),
-        (64, _BIG, _BIG, Config("dot", 64, 64, 128, 0, num_warps=4, num_stages=4, waves=2)),
-        (256, _BIG, _BIG, Config("dot", 64, 128, 64, 0, num_warps=4, num_stages=4, waves=2)),
+        (1, 16384, _BIG, Config("gemv", 1, 16, 512, 0, num_warps=4, num_stages=3, waves=2)),
+        (1, _BIG, _BIG, Config("gemv", 1, 8, 1024, 0, num_warps=4, num_stages=1, waves=2, prefetch=True)),
+        (16, _BIG, _BIG, Config("dot", 16, 32, 128, 0, num_warps=4, num_stages=5, waves=2)),
+        (64, _BIG, _BIG, Config("dot", 64, 64, 64, 0, num_warps=4, num_stages=3, waves=2)),
+        (256, _BIG, _BIG, Config("dot", 64, 64, 64, 0, num_warps=4, num_stages=3, waves=2)),
         (_BIG, _BIG, _BIG, Config("dot", 128, 128, 64, 1, num_warps=8, num_stages=3)),
     ],
     "default": [
@@ -111,8 +116,11 @@ def _check_config(c: Config) -> None:
         v = getattr(c, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"Config.{name} must be a power of two, got {v}")
-    if c.block_k < (8 if c.kernel == "gemv" else 16) or (c.kernel == "dot" and min(c.block_m, c.block_n) < 16):
-        raise ValueError(f"Config {c}: blocks too small (gemv: block_k >= 8; dot: all >= 16)")
+    # dot: block_k >= 32 because 16x16x16 tiles summed some products twice on an H100
+    # (Triton 3.6; tests/test_int4_matmul.py::test_dequantization_is_exact, g=32).
+    if c.block_k < (8 if c.kernel == "gemv" else 32) or (c.kernel == "dot" and min(c.block_m, c.block_n) < 16):
+        raise ValueError(f"Config {c}: blocks too small (gemv: block_k >= 8; dot: block_m, block_n >= 16, "
+                         "block_k >= 32)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,6 +259,7 @@ def _gemv_kernel(
     M, N, K, KW, stride_xm, k_per_split, group, magic,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Rows of x vary fastest across programs: programs reading the same weight slab run
     # together (L2 reuse when M > 1), and axis 0 has room for any M.
@@ -268,10 +277,21 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    kw_end = tl.minimum((k_start + k_per_split) // 8, KW)  # k_per_split % 8 == 0
+    if PREFETCH:  # the first tile; each iteration then loads the next one before unpacking
+        kw = k_start // 8 + tl.arange(0, BLOCK_KW)
+        next_words = tl.load(p_rows + kw[None, :], mask=n_mask[:, None] & (kw < kw_end)[None, :], other=0)
     for k0 in range(k_start, k_end, BLOCK_KW * 8):
         kw = k0 // 8 + tl.arange(0, BLOCK_KW)
         w_mask = n_mask[:, None] & (kw < KW)[None, :]
-        words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
+        if PREFETCH:
+            # Register double buffering: Triton does not software-pipeline loads that feed no
+            # tl.dot, so without this a program has one tile of weights in flight at a time.
+            words = next_words
+            kw_next = kw + BLOCK_KW
+            next_words = tl.load(p_rows + kw_next[None, :], mask=n_mask[:, None] & (kw_next < kw_end)[None, :], other=0)
+        else:
+            words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
         k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * inv[None, :]
         f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
@@ -420,7 +440,8 @@ def _fwd(x, packed, scales, zeros, group: int, bias, config: Config | None):
     )
     if config.kernel == "gemv":
         grid = (m, triton.cdiv(n, config.block_n), splits)
-        _gemv_kernel[grid](*common, **flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8)
+        _gemv_kernel[grid](*common, **flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8,
+                           PREFETCH=config.prefetch)
     else:
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
         _dot_kernel[grid](
