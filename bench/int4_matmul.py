@@ -45,14 +45,14 @@ def _data(m: int, n: int, k: int):
     return _cache["x"], _cache["w"]
 
 
-def _ours(dtype):
+def _ours(dtype, backend="triton"):
     def make(m, n, k):
         x, w = _data(m, n, k)
         x = x.to(dtype)
-        reason = _reasons(x.device, dtype)["triton"]
+        reason = _reasons(x.device, dtype, m, k, GROUP)[backend]
         if reason:
             raise Skip(reason)
-        return lambda: deepkern.int4_matmul(x, w, backend="triton")
+        return lambda: deepkern.int4_matmul(x, w, backend=backend)
 
     return make
 
@@ -89,6 +89,8 @@ def _tinygemm(m, n, k):
 
 PROVIDERS = {
     "cublas-fp16": _cublas(torch.float16),
+    "deepkern-cuda": _ours(torch.float16, "cuda"),
+    "deepkern-cuda-bf16": _ours(torch.bfloat16, "cuda"),
     "deepkern-triton": _ours(torch.float16),
     "deepkern-triton-bf16": _ours(torch.bfloat16),
     "cublas-bf16": _cublas(torch.bfloat16),

@@ -33,6 +33,14 @@ TORCH_LIBRARY(deepkern, m) {
   m.def(
       "layernorm_gelu_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, bool rmsnorm, bool tanh) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+
+  // ---- INT4 group-dequant GEMM, W4A16 (csrc/int4_matmul/) ----
+  // x [M, K] fp16/bf16; packed int32 [N, K/8], scales [K/group, N], zeros uint8 or None
+  // (layout v1, python/deepkern/quant/int4.py); group = K per group. y [M, N] in x's dtype.
+  // The CUDA kernel takes M <= 16 and K % 32 == 0; the Python op routes other calls to Triton.
+  m.def(
+      "int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group, "
+      "Tensor? bias) -> Tensor");
 }
 
 namespace {

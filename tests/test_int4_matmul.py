@@ -171,12 +171,12 @@ def test_torch_backend_and_fp32():
 # Backward
 
 
-def _check_backward(m, n, k, group_size, device, dtype=torch.float16, config=None):
+def _check_backward(m, n, k, group_size, device, dtype=torch.float16, backend="triton"):
     w = _weight(n, k, group_size, device=device)
     x = _x(m, k, dtype, device).requires_grad_(True)
     b = (torch.randn(n) * 0.1).to(dtype).to(device).requires_grad_(True)
     dy = torch.randn(m, n).to(dtype).to(device)
-    y = deepkern.int4_matmul(x, w, b, backend="triton")
+    y = deepkern.int4_matmul(x, w, b, backend=backend)
     y.backward(dy)
     wd = w.dequantize(dtype).double()
     assert x.grad.dtype == dtype and b.grad.dtype == dtype
@@ -376,8 +376,9 @@ def test_bad_input(make, exc, match):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_backend_refusals(device):
     w = _weight(24, 128, 32, device=device)
-    with pytest.raises(deepkern.BackendUnavailableError, match=r"not implemented yet \(issue 6\)"):
-        deepkern.int4_matmul(torch.randn(2, 128, device=device).half(), w, backend="cuda")
+    if device == "cpu":
+        with pytest.raises(deepkern.BackendUnavailableError, match="backend 'cuda' cannot serve"):
+            deepkern.int4_matmul(torch.randn(2, 128, device=device).half(), w, backend="cuda")
     with pytest.raises(deepkern.BackendUnavailableError, match="float32 runs on backend='torch'"):
         deepkern.int4_matmul(torch.randn(2, 128, device=device), w, backend="triton")
     with pytest.raises(ValueError, match="power of two"):
@@ -393,3 +394,99 @@ def test_device_mismatch():
     with pytest.raises(ValueError, match="bias is on cpu"):
         deepkern.int4_matmul(torch.randn(2, 128, device="cuda", dtype=torch.float16), w.cuda(),
                              torch.randn(24, dtype=torch.float16))
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA kernel (csrc/int4_matmul/): M <= 16, K % 32 == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (13, 10944, 64), (1000, 7392, 32),
+                                              (77, 4096, 256), (100, 2080, -1)])
+def test_cuda_forward(dtype, m, n, k, group_size):
+    """Ragged N (13, 77, 100: partial CTAs and warps), K not a multiple of 128 (10944, 2080)."""
+    for symmetric in (False, True):
+        _check(m, n, k, group_size, symmetric, dtype=dtype, device="cuda", backend="cuda",
+               bias=symmetric)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", ["1", "3", "64"])
+def test_cuda_split_k(monkeypatch, splits):
+    """One split (bias added in the main kernel), a ragged split count, more splits than fit."""
+    monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(5, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
+        w = _weight(64, 1024, 128, device="cuda")
+        x = _x(3, 1024, dtype, "cuda")
+        b = torch.randn(64, device="cuda")  # fp32 bias
+        assert_close(deepkern.int4_matmul(x, w, b, backend="cuda"), _ref(x, w, b), dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_dequantization_is_exact():
+    """Identity rows of x read the dense weight back bit for bit (scales in x's dtype)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for group_size, symmetric in ((32, False), (128, True), (-1, False)):
+            w = _weight(40, 256, group_size, symmetric, device="cuda", dtype=dtype)
+            dense = w.dequantize(dtype)
+            for rows in (torch.arange(16), torch.randperm(256)[:16], torch.tensor([255])):
+                x = torch.eye(256, dtype=dtype, device="cuda")[rows.cuda()]
+                y = deepkern.int4_matmul(x, w, backend="cuda")
+                assert torch.equal(y, dense.T[rows.cuda()]), f"{dtype} g={group_size} rows={rows[:4]}"
+
+
+@pytest.mark.cuda
+def test_cuda_layouts_and_determinism():
+    w = _weight(512, 4096, 128, device="cuda")
+    base = _x(4, 4097, torch.float16, "cuda")
+    x = base[:, 1:]  # rows not 16-byte aligned: the op copies them
+    y = deepkern.int4_matmul(x, w, backend="cuda")
+    assert_close(y, _ref(x, w), torch.float16)
+    assert torch.equal(y, deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))
+    assert torch.equal(y, deepkern.int4_matmul(x, w, backend="cuda"))
+    x3 = _x(3, 4096, torch.float16, "cuda", batch=(2,))  # [2, 3, K] -> 6 rows
+    assert_close(deepkern.int4_matmul(x3, w, backend="cuda"), _ref(x3, w), torch.float16)
+    ws = quantize_int4((torch.randn(64, 256) * 0.05).float(), 64).to("cuda")  # fp32 scales
+    xs = _x(2, 256, torch.bfloat16, "cuda")
+    assert_close(deepkern.int4_matmul(xs, ws, backend="cuda"), _ref(xs, ws), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, n, k, group_size", [(1, 4096, 4096, 128), (16, 1000, 7392, 32)])
+def test_cuda_backward(m, n, k, group_size):
+    for dtype in (torch.float16, torch.bfloat16):
+        _check_backward(m, n, k, group_size, "cuda", dtype, backend="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_refusals_and_auto():
+    w = _weight(24, 128, 32, device="cuda")
+    with pytest.raises(deepkern.BackendUnavailableError, match="at most 16 rows"):
+        deepkern.int4_matmul(_x(17, 128, torch.float16, "cuda"), w, backend="cuda")
+    w100 = _weight(24, 100, -1, device="cuda")
+    with pytest.raises(deepkern.BackendUnavailableError, match="multiples of 32"):
+        deepkern.int4_matmul(_x(1, 100, torch.float16, "cuda"), w100, backend="cuda")
+    # auto still serves those shapes (Triton)
+    x17, x100 = _x(17, 128, torch.float16, "cuda"), _x(1, 100, torch.float16, "cuda")
+    assert_close(deepkern.int4_matmul(x17, w), _ref(x17, w), torch.float16)
+    assert_close(deepkern.int4_matmul(x100, w100), _ref(x100, w100), torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_and_compile():
+    w = _weight(2048, 4096, 128, device="cuda")
+    x = _x(4, 4096, torch.bfloat16, "cuda")
+    deepkern.int4_matmul(x, w, backend="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = deepkern.int4_matmul(x, w, backend="cuda")
+    x.copy_(_x(4, 4096, torch.bfloat16, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, _ref(x, w), torch.bfloat16)
+    fn = torch.compile(lambda h: deepkern.int4_matmul(h, w, backend="cuda"), fullgraph=True)
+    assert_close(fn(x), _ref(x, w), torch.bfloat16)

@@ -9,7 +9,7 @@ from deepkern.ops.sparse_attention import select_blocks, sparse_attention
 
 # Ops whose schema lives in csrc/registration.cpp and that have a CUDA kernel; the build test
 # checks each is registered with a CUDA implementation when the extension is built.
-CUDA_OPS = ("layernorm_gelu_fwd", "layernorm_gelu_bwd")
+CUDA_OPS = ("layernorm_gelu_fwd", "layernorm_gelu_bwd", "int4_matmul")
 # Ops implemented with Triton kernels (torch.ops.deepkern_triton.*).
 TRITON_OPS = ("layernorm_gelu_fwd", "layernorm_gelu_bwd")
 TRITON_OPS += ("int4_matmul", "int4_matmul_bwd")

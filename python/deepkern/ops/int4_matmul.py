@@ -3,8 +3,9 @@ registers inside the matmul.
 
 Public function -> validation -> backend choice -> one of
     torch.ops.deepkern_triton.int4_matmul / _bwd   (Triton, triton_kernels/int4_matmul.py)
+    torch.ops.deepkern.int4_matmul                 (CUDA, csrc/int4_matmul/; M <= 16, K % 32 == 0;
+                                                    its backward is the Triton dx kernel)
     deepkern.reference.int4_matmul_ref             (torch; the only backend for fp32 x)
-    "cuda": not implemented yet (issue 6); it will reuse the schema, fakes and autograd here.
 
 The custom ops take the Int4Weight's tensors, not the object:
     int4_matmul(x [M, K], packed, scales, zeros?, group, bias?) -> y [M, N]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from deepkern import _backend
+from deepkern._ext import has_cuda_ext
 from deepkern.ops._layout import as_rows
 from deepkern.quant.int4 import Int4Weight, effective_group_size
 from deepkern.reference.int4_matmul import int4_matmul_ref_parts
@@ -101,6 +103,13 @@ torch.library.register_autograd(
     _make_backward(torch.ops.deepkern_triton.int4_matmul_bwd),
     setup_context=_setup_context,
 )
+if has_cuda_ext():
+    torch.library.register_fake("deepkern::int4_matmul")(_fwd_fake)
+    torch.library.register_autograd(
+        "deepkern::int4_matmul",
+        _make_backward(torch.ops.deepkern_triton.int4_matmul_bwd),
+        setup_context=_setup_context,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,9 +143,19 @@ def _check(who, x, packed, scales, n, k, bias):
             raise TypeError(f"{who}: bias.dtype must be x's dtype ({x.dtype}) or float32, got {bias.dtype}")
 
 
-def _reasons(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+CUDA_MAX_M = 16  # the CUDA kernel's batch tile (two mma n8 tiles); larger M runs on Triton
+
+
+def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096,
+             group: int = 128) -> dict[str, str | None]:
     reasons = _backend.device_reasons(device)
-    reasons["cuda"] = "the CUDA int4_matmul kernel is not implemented yet (issue 6)"
+    if reasons["cuda"] is None:
+        if dtype not in _KERNEL_DTYPES:
+            reasons["cuda"] = f"x.dtype is {dtype}; the CUDA kernel takes float16/bfloat16 activations"
+        elif m > CUDA_MAX_M:
+            reasons["cuda"] = f"the CUDA kernel takes at most {CUDA_MAX_M} rows of x (M={m}); larger M runs on Triton"
+        elif k % 32 or group % 32:
+            reasons["cuda"] = f"the CUDA kernel needs K and the group size to be multiples of 32 (K={k}, group={group})"
     if reasons["triton"] is None:
         if dtype not in _KERNEL_DTYPES:
             reasons["triton"] = (
@@ -148,8 +167,8 @@ def _reasons(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
     return reasons
 
 
-def _auto_order() -> tuple[str, ...]:
-    # Only the Triton kernels exist so far; the CUDA backend (issue 6) goes first when measured faster.
+def _auto_order(m: int) -> tuple[str, ...]:
+    # The CUDA kernel covers M <= 16 (see _reasons); where it runs it goes first.
     return ("cuda", "triton", "torch")
 
 
@@ -167,10 +186,13 @@ def int4_matmul_parts(
     """int4_matmul on the tensors of an Int4Weight (used by Int4Linear, which keeps them as
     buffers). No checks on the weight tensors themselves: Int4Weight/Int4Linear made them."""
     _check(who, x, packed, scales, n, k, bias)
-    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype), _auto_order())
+    m = x.numel() // k if k else 0
+    group = effective_group_size(group_size, k)
+    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order(m))
     if choice == "torch":
         return int4_matmul_ref_parts(x, packed, scales, zeros, k, group_size, bias)
-    y = torch.ops.deepkern_triton.int4_matmul(
+    op = torch.ops.deepkern.int4_matmul if choice == "cuda" else torch.ops.deepkern_triton.int4_matmul
+    y = op(
         as_rows(x), packed, scales, zeros, effective_group_size(group_size, k),
         bias.contiguous() if bias is not None else None,
     )

@@ -1,0 +1,477 @@
+// deepkern::int4_matmul (CUDA): y [M, N] = x [M, K] @ W.T (+ bias), W 4-bit (layout v1 of
+// python/deepkern/quant/int4.py: packed int32 [N, K/8], code i of a word at bits 4i; scales
+// [G, N]; zeros uint8 [G, N] or none = 8), for small M (<= 16), read in place: no repack.
+//
+// The weight streams through tensor cores with the roles swapped: mma.m16n8k16 takes 16
+// weight rows as A (from registers) and up to 8 rows of x as B, so M = 1..16 costs one or two
+// n8 tiles. Each lane (g = lane / 4, t = lane % 4) loads 16 bytes = 32 codes of rows g and
+// g + 8 over its own 32-wide K chunk (the 4 lanes of a row cover 128 consecutive K). A dot
+// product does not care which k sits in which mma k-slot as long as A and B agree, so a lane
+// feeds its own chunk, in the order the cheapest unpacking gives it:
+//   codes (0,4) = (w & 0x000F000F) | 0x64006400        -> halves 1024 + q          (fp16)
+//   codes (1,5) = (w & 0x00F000F0) | 0x64006400        -> halves 1024 + 16 q
+//   codes (2,6), (3,7): the same on w >> 8
+// (bf16: 128 + q from 0x4300 with a shift per pair; 128 + 16 q does not fit 7 mantissa bits),
+// and the x fragment is permuted to match with one PRMT per pair of x values. Unpacking is
+// exact and (q - z) * s is rounded once, so the weight fed to the mma equals
+// Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype (others are
+// rounded to it first: within one rounding). Accumulation is fp32.
+//
+// Split-K keeps every SM streaming at M = 1: fp32 partials [splits, M, N] are summed in a
+// fixed order by a second kernel (deterministic, no atomics), which adds the bias.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <unordered_map>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "common/device.h"
+#include "common/vec.cuh"
+
+namespace deepkern {
+namespace int4mm {
+
+constexpr int kWarps = 4;               // a CTA: 4 warps x 16 weight rows = 64 rows of N
+constexpr int kRowsPerCta = 16 * kWarps;
+constexpr int kChunkK = 128;            // K per lane-quad step: 4 lanes x 32 codes
+
+template <typename T>
+struct Traits;
+template <>
+struct Traits<__half> {
+  using T2 = __half2;
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t r;  // (a & mask) | magic in one LOP3
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// Per (row, 32-code chunk) constants of the unpacking: scale pair and zero offsets.
+template <typename T>
+struct Dequant {
+  using T2 = typename Traits<T>::T2;
+  T2 s2;    // (s, s)
+  T2 z0;    // fp16: 1024 + z ; bf16: 128 + z   (subtracted from magic + q)
+  T2 nz16;  // fp16 only: -(64 + z)             (added to (1024 + 16 q) / 16)
+
+  __device__ __forceinline__ void init(T s, float z) {
+    if constexpr (std::is_same_v<T, __half>) {
+      s2 = __half2half2(s);
+      z0 = __float2half2_rn(1024.f + z);
+      nz16 = __float2half2_rn(-64.f - z);
+    } else {
+      s2 = __bfloat162bfloat162(s);
+      z0 = __float2bfloat162_rn(128.f + z);
+    }
+  }
+
+  // The 8 codes of word w as 4 pairs: out[0] = codes (0,4), [1] = (1,5), [2] = (2,6), [3] = (3,7).
+  __device__ __forceinline__ void word(uint32_t w, uint32_t out[4]) const {
+    if constexpr (std::is_same_v<T, __half>) {
+      const T2 inv16 = __float2half2_rn(0.0625f);
+      const uint32_t w8 = w >> 8;
+      T2 h0 = __hsub2(as_t2<T2>(lop3_and_or(w, 0x000F000Fu, 0x64006400u)), z0);
+      T2 h1 = __hfma2(as_t2<T2>(lop3_and_or(w, 0x00F000F0u, 0x64006400u)), inv16, nz16);
+      T2 h2 = __hsub2(as_t2<T2>(lop3_and_or(w8, 0x000F000Fu, 0x64006400u)), z0);
+      T2 h3 = __hfma2(as_t2<T2>(lop3_and_or(w8, 0x00F000F0u, 0x64006400u)), inv16, nz16);
+      out[0] = as_u32(__hmul2(h0, s2));
+      out[1] = as_u32(__hmul2(h1, s2));
+      out[2] = as_u32(__hmul2(h2, s2));
+      out[3] = as_u32(__hmul2(h3, s2));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const T2 h = __hsub2(as_t2<T2>(lop3_and_or(w >> (4 * i), 0x000F000Fu, 0x43004300u)), z0);
+        out[i] = as_u32(__hmul2(h, s2));
+      }
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+struct Params {
+  const void* x;
+  int64_t x_stride;  // elements; multiple of 8, base 16-byte aligned
+  const int32_t* packed;
+  const void* scales;    // S (half, bf16 or fp32), rounded to x's dtype in the kernel
+  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
+  const void* bias;      // nullptr, x's dtype or fp32
+  bool bias_fp32;
+  void* out;    // [M, N] x's dtype, written when splits == 1
+  float* part;  // [splits, M, N] fp32 otherwise
+  int* counters;  // per CTA column when the last CTA of a column sums the splits; else null
+  int splits;
+  int m, n, k, kw, group;
+  int k_per_split;  // multiple of kChunkK
+};
+
+template <typename T>
+__device__ __forceinline__ float load_bias(const Params& p, int n) {
+  return p.bias_fp32 ? static_cast<const float*>(p.bias)[n]
+                     : to_float(static_cast<const T*>(p.bias)[n]);
+}
+
+// One U x 128-wide K batch of a lane's weights and per-chunk constants, loaded ahead of use.
+template <typename S, int U>
+struct Batch {
+  uint4 w0[U], w1[U];  // rows row0 / row1: 32 codes each
+  S s0[U], s1[U];
+  uint8_t z0[U], z1[U];
+};
+
+template <typename S, bool HAS_ZEROS, int U>
+__device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, int t, int row0, bool ok0,
+                                           bool ok1, const uint4* w0_ptr, const uint4* w1_ptr,
+                                           Batch<S, U>& b) {
+  const S* scales = static_cast<const S*>(p.scales);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int kc = kb + u * kChunkK + 32 * t;  // this lane's chunk
+    const bool valid = kc < k_end;
+    // Streaming loads (evict-first): the weight is read once per call.
+    b.w0[u] = valid && ok0 ? __ldcs(w0_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    b.w1[u] = valid && ok1 ? __ldcs(w1_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    const int64_t gi = static_cast<int64_t>(valid ? kc / p.group : 0) * p.n + row0;
+    b.s0[u] = ok0 && valid ? scales[gi] : S{};
+    b.s1[u] = ok1 && valid ? scales[gi + 8] : S{};
+    if constexpr (HAS_ZEROS) {
+      b.z0[u] = ok0 && valid ? p.zeros[gi] : 8;
+      b.z1[u] = ok1 && valid ? p.zeros[gi + 8] : 8;
+    } else {
+      b.z0[u] = b.z1[u] = 8;
+    }
+  }
+}
+
+// MT n8 tiles of x rows (M <= 8 * MT); S the scales' dtype (converted to T per chunk).
+// Register double buffering: batch i + 1 is loaded before batch i is unpacked, so every
+// lane keeps 2 x U x 32 bytes of weight in flight.
+// CTAs per SM the register budget is set for: 4 (<= 128 registers) with one x tile, 3 with
+// two (the second tile's x fragments would spill at 128).
+template <int MT>
+constexpr int kCtasPerSm = MT == 1 ? 4 : 3;
+
+template <typename T, typename S, bool HAS_ZEROS, int MT, int U>
+__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(const Params p) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kRowsPerCta + (threadIdx.x >> 5) * 16 + g;
+  const int row1 = row0 + 8;
+  const bool ok0 = row0 < p.n, ok1 = row1 < p.n;
+  const int k_begin = blockIdx.y * p.k_per_split;
+  const int k_end = min(p.k, k_begin + p.k_per_split);
+  const T* x = static_cast<const T*>(p.x);
+  const uint4* w0_ptr = reinterpret_cast<const uint4*>(p.packed + static_cast<int64_t>(ok0 ? row0 : 0) * p.kw);
+  const uint4* w1_ptr = reinterpret_cast<const uint4*>(p.packed + static_cast<int64_t>(ok1 ? row1 : 0) * p.kw);
+
+  float acc[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  Batch<S, U> cur, next;
+  load_batch<S, HAS_ZEROS, U>(p, k_begin, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
+  for (int kb = k_begin; kb < k_end; kb += U * kChunkK) {
+    if (kb + U * kChunkK < k_end)
+      load_batch<S, HAS_ZEROS, U>(p, kb + U * kChunkK, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, next);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kc = kb + u * kChunkK + 32 * t;
+      const bool valid = kc < k_end;
+      Dequant<T> d0, d1;
+      d0.init(from_float<T>(to_float(cur.s0[u])), static_cast<float>(cur.z0[u]));
+      d1.init(from_float<T>(to_float(cur.s1[u])), static_cast<float>(cur.z1[u]));
+      // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each (L1/L2 hits).
+      uint4 xv[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int m = g + 8 * mt;
+        const uint4* xp = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + kc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+      }
+      const uint32_t* a_words = reinterpret_cast<const uint32_t*>(&cur.w0[u]);
+      const uint32_t* b_words = reinterpret_cast<const uint32_t*>(&cur.w1[u]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // word j: k = kc + 8 j .. kc + 8 j + 7
+        uint32_t r0[4], r1[4];
+        d0.word(a_words[j], r0);
+        d1.word(b_words[j], r1);
+        const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]};  // k-slots: codes 0,4 | 1,5
+        const uint32_t a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};  // codes 2,6 | 3,7
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4 v = xv[mt][j];  // (x0,x1) (x2,x3) (x4,x5) (x6,x7)
+          mma16816<T>(acc[mt], a_lo, prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632));
+          mma16816<T>(acc[mt], a_hi, prmt(v.y, v.w, 0x5410), prmt(v.y, v.w, 0x7632));
+        }
+      }
+    }
+    cur = next;
+  }
+
+  // acc[mt]: c0, c1 = (row0; x rows 8 mt + 2t, + 1), c2, c3 = (row1; same x rows).
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = 8 * mt + 2 * t + (i & 1);
+      const int row = i < 2 ? row0 : row1;
+      if (m >= p.m || row >= p.n) continue;
+      const int64_t o = static_cast<int64_t>(m) * p.n + row;
+      if (p.part != nullptr) {
+        p.part[static_cast<int64_t>(blockIdx.y) * p.m * p.n + o] = acc[mt][i];
+      } else {
+        float v = acc[mt][i];
+        if (p.bias != nullptr) v += load_bias<T>(p, row);
+        static_cast<T*>(p.out)[o] = from_float<T>(v);
+      }
+    }
+  }
+  if (p.counters == nullptr) return;
+
+  // Split-K without a second kernel: the last CTA of this column of the grid to finish sums
+  // the partials of all splits in split order (the same bits whichever CTA is last), adds
+  // the bias, writes y and re-arms the counter for the next call on this stream.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  for (int e = threadIdx.x; e < p.m * kRowsPerCta; e += blockDim.x) {
+    const int m = e / kRowsPerCta;
+    const int row = blockIdx.x * kRowsPerCta + e % kRowsPerCta;
+    if (row >= p.n) continue;
+    const int64_t o = static_cast<int64_t>(m) * p.n + row;
+    float v = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
+    if (p.bias != nullptr) v += load_bias<T>(p, row);
+    static_cast<T*>(p.out)[o] = from_float<T>(v);
+  }
+  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
+}
+
+template <typename T>
+__global__ void sum_splits_kernel(const Params p, int splits) {
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += p.part[s * mn + i];  // fixed order
+    if (p.bias != nullptr) v += load_bias<T>(p, static_cast<int>(i % p.n));
+    static_cast<T*>(p.out)[i] = from_float<T>(v);
+  }
+}
+
+// Splits of K: the count (1..16, each split >= 4 K steps) whose grid fills the resident CTA
+// slots most evenly (a second, mostly idle wave costs more than the partials), fewest first.
+int choose_splits(int n, int k, int slots) {
+  if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(1, std::atoi(env));
+  const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
+  const int k_steps = (k + kChunkK - 1) / kChunkK;
+  int best = 1;
+  double best_eff = 0.0;
+  for (int s = 1; s <= 16 && (s == 1 || k_steps / s >= 4); ++s) {
+    const double waves = static_cast<double>(ctas_n) * s / slots;
+    const double eff = waves / std::ceil(waves) * std::min(1.0, waves);  // < 1 wave: idle SMs
+    if (eff > best_eff + 0.02) best = s, best_eff = eff;
+  }
+  return best;
+}
+
+// K steps per batch (U) = 2: on an H100 as fast as 4 or faster at M = 1 and 16 (8192x8192,
+// M=16: 40.7 vs 43.9 us), and 4 spills under the register caps above.
+constexpr int kBatchSteps = 2;
+
+template <typename T, typename S, bool HAS_ZEROS, int MT>
+void launch(const Params& p, int splits, cudaStream_t stream) {
+  const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
+  small_m_kernel<T, S, HAS_ZEROS, MT, kBatchSteps><<<grid, 32 * kWarps, 0, stream>>>(p);
+}
+
+template <typename T, typename S>
+void launch_all(const Params& p, int splits, cudaStream_t stream) {
+  const bool z = p.zeros != nullptr;
+  if (p.m <= 8)
+    z ? launch<T, S, true, 1>(p, splits, stream) : launch<T, S, false, 1>(p, splits, stream);
+  else
+    z ? launch<T, S, true, 2>(p, splits, stream) : launch<T, S, false, 2>(p, splits, stream);
+}
+
+// Zeroed int32 counters for the fused split-K reduction, one buffer per (device, stream):
+// kernels of one stream run in order and each re-arms its counters, so a buffer is reused
+// call after call with no memset. nullptr while the stream is capturing a CUDA graph (then
+// the second kernel sums the splits: a graph replay must not depend on this cache).
+int* split_counters(int device, cudaStream_t stream, int count) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  static std::mutex mutex;
+  // Never destroyed: freeing CUDA memory from static destructors at exit can crash.
+  static auto& buffers = *new std::unordered_map<uint64_t, at::Tensor>();
+  const uint64_t key = (static_cast<uint64_t>(device) << 56) ^ reinterpret_cast<uintptr_t>(stream);
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buf = buffers[key];
+  if (!buf.defined() || buf.numel() < count) {
+    // Zeroed on this stream, so the first kernel that uses it sees zeros.
+    buf = at::empty({std::max(count, 1024)}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
+    C10_CUDA_CHECK(cudaMemsetAsync(buf.data_ptr(), 0, buf.numel() * sizeof(int), stream));
+  }
+  return buf.data_ptr<int>();
+}
+
+}  // namespace int4mm
+
+namespace {
+
+at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_in,
+                       const std::optional<at::Tensor>& zeros, int64_t group,
+                       const std::optional<at::Tensor>& bias) {
+  using namespace int4mm;
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2, "int4_matmul: x must be a 2-D CUDA tensor");
+  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+              "int4_matmul (cuda): x must be float16 or bfloat16, got ", x_in.scalar_type());
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = packed.size(0);
+  TORCH_CHECK(m <= 16, "int4_matmul (cuda): this kernel takes M <= 16 rows, got ", m);
+  TORCH_CHECK(k % 32 == 0 && k > 0 && k <= INT32_MAX, "int4_matmul (cuda): K must be a multiple of 32, got ", k);
+  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(1) == k / 8 &&
+                  packed.is_contiguous() && packed.device() == x_in.device(),
+              "int4_matmul: packed must be contiguous int32 [N, K/8] on x's device");
+  TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0,
+              "int4_matmul (cuda): group must be a multiple of 32 dividing K, got ", group);
+  TORCH_CHECK(n > 0 && n <= INT32_MAX, "int4_matmul: bad N ", n);
+  TORCH_CHECK(scales_in.dim() == 2 && scales_in.size(0) == k / group && scales_in.size(1) == n &&
+                  scales_in.device() == x_in.device(),
+              "int4_matmul: scales must be [K/group, N] on x's device");
+  if (zeros.has_value())
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->sizes() == scales_in.sizes() &&
+                    zeros->is_contiguous() && zeros->device() == x_in.device(),
+                "int4_matmul: zeros must be contiguous uint8 [K/group, N] on x's device");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    bias->device() == x_in.device() &&
+                    (bias->scalar_type() == x_in.scalar_type() || bias->scalar_type() == at::kFloat),
+                "int4_matmul: bias must be contiguous [N] in x's dtype or float32 on x's device");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "int4_matmul (cuda): packed must be 16-byte aligned");
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  // 16-byte loads of x rows: a unit-stride copy when the rows are not aligned (x is small).
+  at::Tensor x = x_in;
+  if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
+    x = x_in.contiguous().clone();
+  // Scales of another dtype are rounded to x's in the kernel (no per-call conversion copy);
+  // with scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
+  TORCH_CHECK(scales_in.scalar_type() == at::kHalf || scales_in.scalar_type() == at::kBFloat16 ||
+                  scales_in.scalar_type() == at::kFloat,
+              "int4_matmul: scales must be float16, bfloat16 or float32");
+  const at::Tensor scales = scales_in.contiguous();
+
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0) return out;
+  const int slots = (m <= 8 ? kCtasPerSm<1> : kCtasPerSm<2>) * num_sms(x.get_device());
+  const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), slots);
+  const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
+  const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
+  const int splits = (k_steps + per_split - 1) / per_split;
+  at::Tensor part;
+  if (splits > 1) part = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
+
+  Params p{};
+  p.x = x.data_ptr();
+  p.x_stride = x.stride(0);
+  p.packed = packed.data_ptr<int32_t>();
+  p.scales = scales.data_ptr();
+  p.zeros = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.bias_fp32 = bias.has_value() && bias->scalar_type() == at::kFloat;
+  p.out = out.data_ptr();
+  p.part = splits > 1 ? part.data_ptr<float>() : nullptr;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.kw = static_cast<int>(k / 8);
+  p.group = static_cast<int>(group);
+  p.k_per_split = per_split * kChunkK;
+  p.splits = splits;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int ctas_n = static_cast<int>((n + kRowsPerCta - 1) / kRowsPerCta);
+  if (splits > 1) p.counters = split_counters(x.get_device(), stream, ctas_n);
+
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    switch (scales.scalar_type()) {
+      case at::kHalf: launch_all<T, __half>(p, splits, stream); break;
+      case at::kBFloat16: launch_all<T, __nv_bfloat16>(p, splits, stream); break;
+      default: launch_all<T, float>(p, splits, stream); break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1 && p.counters == nullptr) {
+      const int64_t mn = m * n;
+      const int blocks = static_cast<int>(std::min<int64_t>((mn + 255) / 256, 4096));
+      sum_splits_kernel<T><<<blocks, 256, 0, stream>>>(p, splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  };
+  if (x.scalar_type() == at::kHalf)
+    run(__half{});
+  else
+    run(__nv_bfloat16{});
+  return out;
+}
+
+}  // namespace
+}  // namespace deepkern
+
+TORCH_LIBRARY_IMPL(deepkern, CUDA, m) { m.impl("int4_matmul", &deepkern::int4_matmul); }
