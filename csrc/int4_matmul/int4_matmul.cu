@@ -69,6 +69,16 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return r;
 }
 
+// 16 bytes of weight: not kept in L1 (read once), and the L2 fetches the whole 256-byte
+// block, so the lane quad's next loads along the row (64 bytes further each) hit in L2.
+__device__ __forceinline__ uint4 load_weight(const uint4* ptr) {
+  uint4 v;
+  asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
 template <typename T2>
 __device__ __forceinline__ uint32_t as_u32(T2 v) {
   return *reinterpret_cast<uint32_t*>(&v);
@@ -76,6 +86,14 @@ __device__ __forceinline__ uint32_t as_u32(T2 v) {
 template <typename T2>
 __device__ __forceinline__ T2 as_t2(uint32_t v) {
   return *reinterpret_cast<T2*>(&v);
+}
+
+template <typename T, typename S>
+__device__ __forceinline__ T to_x_dtype(S s) {
+  if constexpr (std::is_same_v<T, S>)
+    return s;
+  else
+    return from_float<T>(to_float(s));
 }
 
 // Per (row, 32-code chunk) constants of the unpacking: scale pair and zero offsets.
@@ -86,14 +104,17 @@ struct Dequant {
   T2 z0;    // fp16: 1024 + z ; bf16: 128 + z   (subtracted from magic + q)
   T2 nz16;  // fp16 only: -(64 + z)             (added to (1024 + 16 q) / 16)
 
-  __device__ __forceinline__ void init(T s, float z) {
+  // z in 0..15. The offsets are built from their bit patterns: 1024 + z is 0x6400 | z in
+  // fp16 (spacing 1 in [1024, 2048)), -(64 + z) is 0xD400 | z << 4 (spacing 1/16 in
+  // [64, 128)), and 128 + z is 0x4300 | z in bf16.
+  __device__ __forceinline__ void init(T s, uint32_t z) {
     if constexpr (std::is_same_v<T, __half>) {
       s2 = __half2half2(s);
-      z0 = __float2half2_rn(1024.f + z);
-      nz16 = __float2half2_rn(-64.f - z);
+      z0 = as_t2<T2>((0x6400u | z) * 0x10001u);
+      nz16 = as_t2<T2>((0xD400u | (z << 4)) * 0x10001u);
     } else {
       s2 = __bfloat162bfloat162(s);
-      z0 = __float2bfloat162_rn(128.f + z);
+      z0 = as_t2<T2>((0x4300u | z) * 0x10001u);
     }
   }
 
@@ -150,6 +171,7 @@ struct Params {
   int* counters;  // per CTA column when the last CTA of a column sums the splits; else null
   int splits;
   int m, n, k, kw, group;
+  int group_shift;  // log2(group), or -1 when the group is all of K (channelwise)
   int k_per_split;  // multiple of kChunkK
 };
 
@@ -176,10 +198,10 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
   for (int u = 0; u < U; ++u) {
     const int kc = kb + u * kChunkK + 32 * t;  // this lane's chunk
     const bool valid = kc < k_end;
-    // Streaming loads (evict-first): the weight is read once per call.
-    b.w0[u] = valid && ok0 ? __ldcs(w0_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
-    b.w1[u] = valid && ok1 ? __ldcs(w1_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
-    const int64_t gi = static_cast<int64_t>(valid ? kc / p.group : 0) * p.n + row0;
+    b.w0[u] = valid && ok0 ? load_weight(w0_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    b.w1[u] = valid && ok1 ? load_weight(w1_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    // group index: a shift (power-of-two groups), or 0 (channelwise: one group)
+    const int64_t gi = static_cast<int64_t>(valid && p.group_shift >= 0 ? kc >> p.group_shift : 0) * p.n + row0;
     b.s0[u] = ok0 && valid ? scales[gi] : S{};
     b.s1[u] = ok1 && valid ? scales[gi + 8] : S{};
     if constexpr (HAS_ZEROS) {
@@ -226,8 +248,8 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(co
       const int kc = kb + u * kChunkK + 32 * t;
       const bool valid = kc < k_end;
       Dequant<T> d0, d1;
-      d0.init(from_float<T>(to_float(cur.s0[u])), static_cast<float>(cur.z0[u]));
-      d1.init(from_float<T>(to_float(cur.s1[u])), static_cast<float>(cur.z1[u]));
+      d0.init(to_x_dtype<T>(cur.s0[u]), cur.z0[u]);
+      d1.init(to_x_dtype<T>(cur.s1[u]), cur.z1[u]);
       // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each (L1/L2 hits).
       uint4 xv[MT][4];
 #pragma unroll
@@ -323,7 +345,7 @@ int choose_splits(int n, int k, int slots) {
   double best_eff = 0.0;
   for (int s = 1; s <= 16 && (s == 1 || k_steps / s >= 4); ++s) {
     const double waves = static_cast<double>(ctas_n) * s / slots;
-    const double eff = waves / std::ceil(waves) * std::min(1.0, waves);  // < 1 wave: idle SMs
+    const double eff = waves / std::ceil(waves);  // share of the launched slots doing work
     if (eff > best_eff + 0.02) best = s, best_eff = eff;
   }
   return best;
@@ -387,8 +409,8 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(1) == k / 8 &&
                   packed.is_contiguous() && packed.device() == x_in.device(),
               "int4_matmul: packed must be contiguous int32 [N, K/8] on x's device");
-  TORCH_CHECK(group > 0 && group % 32 == 0 && k % group == 0,
-              "int4_matmul (cuda): group must be a multiple of 32 dividing K, got ", group);
+  TORCH_CHECK(group == k || (group >= 32 && (group & (group - 1)) == 0 && k % group == 0),
+              "int4_matmul (cuda): group must be K or a power of two >= 32 dividing K, got ", group);
   TORCH_CHECK(n > 0 && n <= INT32_MAX, "int4_matmul: bad N ", n);
   TORCH_CHECK(scales_in.dim() == 2 && scales_in.size(0) == k / group && scales_in.size(1) == n &&
                   scales_in.device() == x_in.device(),
@@ -442,6 +464,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.k = static_cast<int>(k);
   p.kw = static_cast<int>(k / 8);
   p.group = static_cast<int>(group);
+  p.group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
   p.k_per_split = per_split * kChunkK;
   p.splits = splits;
 
