@@ -173,6 +173,8 @@ struct Params {
   int m, n, k, kw, group;
   int group_shift;  // log2(group), or -1 when the group is all of K (channelwise)
   int k_per_split;  // multiple of kChunkK
+  int xs_stride;    // elements between x rows in shared memory: k_per_split + 8 (a 16-byte
+                    // pad, so the 8 rows read by one LDS.128 phase sit in different banks)
 };
 
 template <typename T>
@@ -216,10 +218,9 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
 // MT n8 tiles of x rows (M <= 8 * MT); S the scales' dtype (converted to T per chunk).
 // Register double buffering: batch i + 1 is loaded before batch i is unpacked, so every
 // lane keeps 2 x U x 32 bytes of weight in flight.
-// CTAs per SM the register budget is set for: 4 (<= 128 registers) with one x tile, 3 with
-// two (the second tile's x fragments would spill at 128).
+// CTAs per SM the register budget is set for: 4 (<= 128 registers; 86-112 used on sm_90a).
 template <int MT>
-constexpr int kCtasPerSm = MT == 1 ? 4 : 3;
+constexpr int kCtasPerSm = 4;
 
 template <typename T, typename S, bool HAS_ZEROS, int MT, int U>
 __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(const Params p) {
@@ -240,6 +241,21 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(co
 
   Batch<S, U> cur, next;
   load_batch<S, HAS_ZEROS, U>(p, k_begin, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
+
+  // x [M, k_begin:k_end] staged in shared memory once, while the first weights are in
+  // flight: read from global inside the loop, its L2 latency was paid twice per batch.
+  extern __shared__ uint4 x_smem[];
+  {
+    const int chunks = (k_end - k_begin) / 8;  // 16-byte pieces per row (K % 32 == 0)
+    for (int e = threadIdx.x; e < p.m * chunks; e += blockDim.x) {
+      const int m = e / chunks, c = e % chunks;
+      x_smem[m * (p.xs_stride / 8) + c] =
+          __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + k_begin) + c);
+    }
+    __syncthreads();
+  }
+  const T* xs = reinterpret_cast<const T*>(x_smem);
+
   for (int kb = k_begin; kb < k_end; kb += U * kChunkK) {
     if (kb + U * kChunkK < k_end)
       load_batch<S, HAS_ZEROS, U>(p, kb + U * kChunkK, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, next);
@@ -250,14 +266,14 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(co
       Dequant<T> d0, d1;
       d0.init(to_x_dtype<T>(cur.s0[u]), cur.z0[u]);
       d1.init(to_x_dtype<T>(cur.s1[u]), cur.z1[u]);
-      // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each (L1/L2 hits).
+      // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each.
       uint4 xv[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const int m = g + 8 * mt;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + kc);
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + m * p.xs_stride + (kc - k_begin));
 #pragma unroll
-        for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+        for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? xp[j] : make_uint4(0, 0, 0, 0);
       }
       const uint32_t* a_words = reinterpret_cast<const uint32_t*>(&cur.w0[u]);
       const uint32_t* b_words = reinterpret_cast<const uint32_t*>(&cur.w1[u]);
@@ -337,13 +353,21 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
 
 // Splits of K: the count (1..16, each split >= 4 K steps) whose grid fills the resident CTA
 // slots most evenly (a second, mostly idle wave costs more than the partials), fewest first.
-int choose_splits(int n, int k, int slots) {
-  if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(1, std::atoi(env));
-  const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
+// x of a split is staged in shared memory: at most kMaxXSmem bytes per CTA, so that the
+// 3-4 CTAs per SM of the register budget also fit (M=16: <= 11 K steps per split), and
+// below the 48 KiB a launch may take without opting in.
+constexpr int kMaxXSmem = 46 * 1024;
+
+int max_split_steps(int m) { return std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
+
+int choose_splits(int n, int k, int m, int slots) {
   const int k_steps = (k + kChunkK - 1) / kChunkK;
-  int best = 1;
+  const int min_splits = (k_steps + max_split_steps(m) - 1) / max_split_steps(m);
+  if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(min_splits, std::atoi(env));
+  const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
+  int best = min_splits;
   double best_eff = 0.0;
-  for (int s = 1; s <= 16 && (s == 1 || k_steps / s >= 4); ++s) {
+  for (int s = min_splits; s <= std::max(16, min_splits) && (s == min_splits || k_steps / s >= 4); ++s) {
     const double waves = static_cast<double>(ctas_n) * s / slots;
     const double eff = waves / std::ceil(waves);  // share of the launched slots doing work
     if (eff > best_eff + 0.02) best = s, best_eff = eff;
@@ -358,7 +382,8 @@ constexpr int kBatchSteps = 2;
 template <typename T, typename S, bool HAS_ZEROS, int MT>
 void launch(const Params& p, int splits, cudaStream_t stream) {
   const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
-  small_m_kernel<T, S, HAS_ZEROS, MT, kBatchSteps><<<grid, 32 * kWarps, 0, stream>>>(p);
+  const size_t smem = static_cast<size_t>(p.m) * p.xs_stride * 2;  // <= kMaxXSmem: no opt-in
+  small_m_kernel<T, S, HAS_ZEROS, MT, kBatchSteps><<<grid, 32 * kWarps, smem, stream>>>(p);
 }
 
 template <typename T, typename S>
@@ -442,7 +467,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
   const int slots = (m <= 8 ? kCtasPerSm<1> : kCtasPerSm<2>) * num_sms(x.get_device());
-  const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), slots);
+  const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
   const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
   const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
   const int splits = (k_steps + per_split - 1) / per_split;
@@ -466,6 +491,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.group = static_cast<int>(group);
   p.group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
   p.k_per_split = per_split * kChunkK;
+  p.xs_stride = p.k_per_split + 8;
   p.splits = splits;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
