@@ -243,9 +243,12 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(co
   load_batch<S, HAS_ZEROS, U>(p, k_begin, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
 
   // x [M, k_begin:k_end] staged in shared memory once, while the first weights are in
-  // flight: read from global inside the loop, its L2 latency was paid twice per batch.
+  // flight: read from global inside the loop, its L2 latency was paid twice per batch
+  // (8192x8192, M=1: 26.8 -> 25.7 us kernel time). Two x tiles (M > 8) read global memory:
+  // 16 staged rows capped the split length and cost more than they saved (36.6 -> 46.8 us).
+  constexpr bool kStageX = MT == 1;
   extern __shared__ uint4 x_smem[];
-  {
+  if constexpr (kStageX) {
     const int chunks = (k_end - k_begin) / 8;  // 16-byte pieces per row (K % 32 == 0)
     for (int e = threadIdx.x; e < p.m * chunks; e += blockDim.x) {
       const int m = e / chunks, c = e % chunks;
@@ -271,7 +274,8 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(co
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const int m = g + 8 * mt;
-        const uint4* xp = reinterpret_cast<const uint4*>(xs + m * p.xs_stride + (kc - k_begin));
+        const uint4* xp = kStageX ? reinterpret_cast<const uint4*>(xs + m * p.xs_stride + (kc - k_begin))
+                                  : reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + kc);
 #pragma unroll
         for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? xp[j] : make_uint4(0, 0, 0, 0);
       }
@@ -358,7 +362,7 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
 // below the 48 KiB a launch may take without opting in.
 constexpr int kMaxXSmem = 46 * 1024;
 
-int max_split_steps(int m) { return std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
+int max_split_steps(int m) { return m > 8 ? 1 << 20 : std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
 
 int choose_splits(int n, int k, int m, int slots) {
   const int k_steps = (k + kChunkK - 1) / kChunkK;
@@ -375,15 +379,20 @@ int choose_splits(int n, int k, int m, int slots) {
   return best;
 }
 
-// K steps per batch (U) = 2: on an H100 as fast as 4 or faster at M = 1 and 16 (8192x8192,
-// M=16: 40.7 vs 43.9 us), and 4 spills under the register caps above.
-constexpr int kBatchSteps = 2;
+// K steps per batch (U), DEEPKERN_INT4_BATCH=2|4 (sweeps; default 2).
+int batch_steps() {
+  const char* env = std::getenv("DEEPKERN_INT4_BATCH");
+  return env != nullptr && std::atoi(env) == 4 ? 4 : 2;
+}
 
 template <typename T, typename S, bool HAS_ZEROS, int MT>
 void launch(const Params& p, int splits, cudaStream_t stream) {
   const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
-  const size_t smem = static_cast<size_t>(p.m) * p.xs_stride * 2;  // <= kMaxXSmem: no opt-in
-  small_m_kernel<T, S, HAS_ZEROS, MT, kBatchSteps><<<grid, 32 * kWarps, smem, stream>>>(p);
+  const size_t smem = MT == 1 ? static_cast<size_t>(p.m) * p.xs_stride * 2 : 0;  // <= kMaxXSmem
+  if (batch_steps() == 4)
+    small_m_kernel<T, S, HAS_ZEROS, MT, 4><<<grid, 32 * kWarps, smem, stream>>>(p);
+  else
+    small_m_kernel<T, S, HAS_ZEROS, MT, 2><<<grid, 32 * kWarps, smem, stream>>>(p);
 }
 
 template <typename T, typename S>
