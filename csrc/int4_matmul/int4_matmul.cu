@@ -355,8 +355,6 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
   }
 }
 
-// Splits of K: the count (1..16, each split >= 4 K steps) whose grid fills the resident CTA
-// slots most evenly (a second, mostly idle wave costs more than the partials), fewest first.
 // x of a split is staged in shared memory: at most kMaxXSmem bytes per CTA, so that the
 // 3-4 CTAs per SM of the register budget also fit (M=16: <= 11 K steps per split), and
 // below the 48 KiB a launch may take without opting in.
@@ -364,6 +362,9 @@ constexpr int kMaxXSmem = 46 * 1024;
 
 int max_split_steps(int m) { return m > 8 ? 1 << 20 : std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
 
+// Splits of K: a power of two (even splits) whose grid fills the resident CTA slots most
+// evenly, the fewest on ties (a mostly idle last wave costs more than partials; on an H100,
+// M=1: 8192x8192 best at 4 splits, 25 us; 8192x28672 at 8, 61 us; 4096x4096 at 8, 13 us).
 int choose_splits(int n, int k, int m, int slots) {
   const int k_steps = (k + kChunkK - 1) / kChunkK;
   const int min_splits = (k_steps + max_split_steps(m) - 1) / max_split_steps(m);
@@ -371,28 +372,35 @@ int choose_splits(int n, int k, int m, int slots) {
   const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
   int best = min_splits;
   double best_eff = 0.0;
-  for (int s = min_splits; s <= std::max(16, min_splits) && (s == min_splits || k_steps / s >= 4); ++s) {
+  for (int s = 1; s <= 16; s *= 2) {
+    if (s < min_splits || (s > 1 && k_steps / s < 4)) continue;  // >= 4 K steps per split
     const double waves = static_cast<double>(ctas_n) * s / slots;
     const double eff = waves / std::ceil(waves);  // share of the launched slots doing work
     if (eff > best_eff + 0.02) best = s, best_eff = eff;
   }
-  return best;
+  return std::max(best, min_splits);
 }
 
-// K steps per batch (U), DEEPKERN_INT4_BATCH=2|4 (sweeps; default 2).
-int batch_steps() {
+// K steps per batch (U): 4 with one x tile (8192x8192, M=1: 25.1 vs 26.9 us with 2), 2 with
+// two (4 spills under the 128-register cap, so it is not built). DEEPKERN_INT4_BATCH=2|4
+// overrides for one x tile (sweeps).
+int batch_steps(int mt) {
   const char* env = std::getenv("DEEPKERN_INT4_BATCH");
-  return env != nullptr && std::atoi(env) == 4 ? 4 : 2;
+  if (env != nullptr) return std::atoi(env) == 4 ? 4 : 2;
+  return mt == 1 ? 4 : 2;
 }
 
 template <typename T, typename S, bool HAS_ZEROS, int MT>
 void launch(const Params& p, int splits, cudaStream_t stream) {
   const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
   const size_t smem = MT == 1 ? static_cast<size_t>(p.m) * p.xs_stride * 2 : 0;  // <= kMaxXSmem
-  if (batch_steps() == 4)
-    small_m_kernel<T, S, HAS_ZEROS, MT, 4><<<grid, 32 * kWarps, smem, stream>>>(p);
-  else
-    small_m_kernel<T, S, HAS_ZEROS, MT, 2><<<grid, 32 * kWarps, smem, stream>>>(p);
+  if constexpr (MT == 1) {
+    if (batch_steps(MT) == 4) {
+      small_m_kernel<T, S, HAS_ZEROS, MT, 4><<<grid, 32 * kWarps, smem, stream>>>(p);
+      return;
+    }
+  }
+  small_m_kernel<T, S, HAS_ZEROS, MT, 2><<<grid, 32 * kWarps, smem, stream>>>(p);
 }
 
 template <typename T, typename S>
