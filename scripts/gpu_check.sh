@@ -37,7 +37,7 @@ head -12 "$OUT/info.txt"
 t0=$SECONDS
 # pytest-xdist (in the GPU image) runs the suite in 8 processes on the one GPU: the tests are
 # small kernels, and Triton compiles (CPU-bound) dominate their time.
-XDIST=$($PY -c "import xdist" 2> /dev/null && echo "-n 8")
+XDIST=$($PY -c "import xdist" 2> /dev/null && echo "-n ${DEEPKERN_TEST_WORKERS:-8}")
 $PY -m pytest $XDIST -v -rfE --tb=line --durations=20 > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -40
