@@ -183,161 +183,121 @@ __device__ __forceinline__ float load_bias(const Params& p, int n) {
                      : to_float(static_cast<const T*>(p.bias)[n]);
 }
 
-// cp.async of 16 bytes into shared memory, bypassing L1, with a 256-byte L2 prefetch (the
-// lane quad's next steps along the row hit in L2); src_bytes = 0 fills zeros (masked lanes).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// Shared memory of one CTA (dynamic), in this order:
-//   weight ring  kStages x 128 lanes x 2 rows x 16 bytes (each lane reads back only what it
-//                copied itself: cp.async.wait_group is the only synchronisation it needs)
-//   x            M rows x xs_stride elements (one x tile only; two tiles read global memory)
-//   scales       groups of the split x 64 rows (S), then zeros (uint8)
-constexpr int kStages = 6;  // K steps in flight per lane: 5 x 32 bytes while one is unpacked
-constexpr int kRingBytes = kStages * 32 * kWarps * 32;
-
-struct SmemPlan {
-  int x_bytes, s_bytes, z_bytes;
-  __host__ __device__ int x_off() const { return kRingBytes; }
-  __host__ __device__ int s_off() const { return kRingBytes + x_bytes; }
-  __host__ __device__ int z_off() const { return s_off() + s_bytes; }
-  __host__ __device__ int total() const { return z_off() + z_bytes; }
+// One U x 128-wide K batch of a lane's weights and per-chunk constants, loaded ahead of use.
+template <typename S, int U>
+struct Batch {
+  uint4 w0[U], w1[U];  // rows row0 / row1: 32 codes each
+  S s0[U], s1[U];
+  uint8_t z0[U], z1[U];
 };
 
-__host__ __device__ inline int split_groups(const Params& p) {  // groups a split can touch
-  return p.group_shift < 0 ? 1 : (p.k_per_split >> p.group_shift) + 1;
+template <typename S, bool HAS_ZEROS, int U>
+__device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, int t, int row0, bool ok0,
+                                           bool ok1, const uint4* w0_ptr, const uint4* w1_ptr,
+                                           Batch<S, U>& b) {
+  const S* scales = static_cast<const S*>(p.scales);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int kc = kb + u * kChunkK + 32 * t;  // this lane's chunk
+    const bool valid = kc < k_end;
+    b.w0[u] = valid && ok0 ? load_weight(w0_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    b.w1[u] = valid && ok1 ? load_weight(w1_ptr + kc / 32) : make_uint4(0, 0, 0, 0);
+    // group index: a shift (power-of-two groups), or 0 (channelwise: one group)
+    const int64_t gi = static_cast<int64_t>(valid && p.group_shift >= 0 ? kc >> p.group_shift : 0) * p.n + row0;
+    b.s0[u] = ok0 && valid ? scales[gi] : S{};
+    b.s1[u] = ok1 && valid ? scales[gi + 8] : S{};
+    if constexpr (HAS_ZEROS) {
+      b.z0[u] = ok0 && valid ? p.zeros[gi] : 8;
+      b.z1[u] = ok1 && valid ? p.zeros[gi + 8] : 8;
+    } else {
+      b.z0[u] = b.z1[u] = 8;
+    }
+  }
 }
 
-template <typename S>
-__host__ __device__ inline SmemPlan smem_plan(const Params& p, bool stage_x) {
-  const int groups = split_groups(p);
-  SmemPlan plan{};
-  plan.x_bytes = stage_x ? p.m * p.xs_stride * 2 : 0;
-  plan.s_bytes = (groups * kRowsPerCta * static_cast<int>(sizeof(S)) + 15) / 16 * 16;
-  plan.z_bytes = p.zeros != nullptr ? groups * kRowsPerCta : 0;
-  return plan;
-}
+// MT n8 tiles of x rows (M <= 8 * MT); S the scales' dtype (converted to T per chunk).
+// Register double buffering: batch i + 1 is loaded before batch i is unpacked, so every
+// lane keeps 2 x U x 32 bytes of weight in flight.
+// CTAs per SM the register budget is set for: 4 (<= 128 registers; 86-112 used on sm_90a).
+template <int MT>
+constexpr int kCtasPerSm = 4;
 
-// Registers are capped for 6 CTAs per SM (<= 80 used on sm_90a with the weights in shared
-// memory); shared memory may allow fewer (ctas_per_sm).
-constexpr int kMaxCtasPerSm = 6;
-
-// MT n8 tiles of x rows (M <= 8 * MT); S the scales' dtype (rounded to T per chunk).
-template <typename T, typename S, bool HAS_ZEROS, int MT>
-__global__ void __launch_bounds__(32 * kWarps, kMaxCtasPerSm) small_m_kernel(const Params p) {
-  constexpr bool kStageX = MT == 1;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const SmemPlan plan = smem_plan<S>(p, kStageX);
-  uint4* ring = reinterpret_cast<uint4*>(smem);
+template <typename T, typename S, bool HAS_ZEROS, int MT, int U>
+__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(const Params p) {
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int local0 = (threadIdx.x >> 5) * 16 + g;  // this lane's first row within the CTA
-  const int n0 = blockIdx.x * kRowsPerCta;
-  const int row0 = n0 + local0, row1 = row0 + 8;
+  const int row0 = blockIdx.x * kRowsPerCta + (threadIdx.x >> 5) * 16 + g;
+  const int row1 = row0 + 8;
   const bool ok0 = row0 < p.n, ok1 = row1 < p.n;
   const int k_begin = blockIdx.y * p.k_per_split;
   const int k_end = min(p.k, k_begin + p.k_per_split);
-  const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
   const T* x = static_cast<const T*>(p.x);
-  const int32_t* w0_ptr = p.packed + static_cast<int64_t>(ok0 ? row0 : 0) * p.kw;
-  const int32_t* w1_ptr = p.packed + static_cast<int64_t>(ok1 ? row1 : 0) * p.kw;
-
-  // Weight step i of this lane (K chunk k_begin + 128 i + 32 t) into ring slot i % kStages.
-  auto issue = [&](int i) {
-    if (i < steps) {
-      const int kc = k_begin + i * kChunkK + 32 * t;
-      const bool valid = kc < k_end;
-      uint4* slot = ring + ((i % kStages) * 32 * kWarps + threadIdx.x) * 2;
-      cp_async16(slot, w0_ptr + (valid ? kc / 8 : 0), valid && ok0 ? 16 : 0);
-      cp_async16(slot + 1, w1_ptr + (valid ? kc / 8 : 0), valid && ok1 ? 16 : 0);
-    }
-    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
-  };
-#pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) issue(i);
-
-  // While the first weights are in flight: this split's x (one tile) and the scales/zeros of
-  // the CTA's 64 rows, staged once (read from global inside the loop, their L2 latency was
-  // paid every step: 8192x8192 M=1 26.8 -> 25.7 us for x alone).
-  const int g_first = p.group_shift < 0 ? 0 : k_begin >> p.group_shift;
-  const int groups = p.group_shift < 0 ? 1 : ((k_end - 1) >> p.group_shift) - g_first + 1;
-  S* s_sm = reinterpret_cast<S*>(smem + plan.s_off());
-  uint8_t* z_sm = smem + plan.z_off();
-  for (int e = threadIdx.x; e < groups * kRowsPerCta; e += blockDim.x) {
-    const int lg = e / kRowsPerCta, r = e % kRowsPerCta;
-    const bool ok = n0 + r < p.n;
-    const int64_t gi = static_cast<int64_t>(g_first + lg) * p.n + n0 + r;
-    s_sm[e] = ok ? static_cast<const S*>(p.scales)[gi] : S{};
-    if constexpr (HAS_ZEROS) z_sm[e] = ok ? p.zeros[gi] : 8;
-  }
-  const T* xs = reinterpret_cast<const T*>(smem + plan.x_off());
-  if constexpr (kStageX) {
-    uint4* x_sm = reinterpret_cast<uint4*>(smem + plan.x_off());
-    const int chunks = (k_end - k_begin) / 8;  // 16-byte pieces per row (K % 32 == 0)
-    for (int e = threadIdx.x; e < p.m * chunks; e += blockDim.x) {
-      const int m = e / chunks, c = e % chunks;
-      x_sm[m * (p.xs_stride / 8) + c] =
-          __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + k_begin) + c);
-    }
-  }
-  __syncthreads();
+  const uint4* w0_ptr = reinterpret_cast<const uint4*>(p.packed + static_cast<int64_t>(ok0 ? row0 : 0) * p.kw);
+  const uint4* w1_ptr = reinterpret_cast<const uint4*>(p.packed + static_cast<int64_t>(ok1 ? row1 : 0) * p.kw);
 
   float acc[MT][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
-  for (int i = 0; i < steps; ++i) {
-    cp_async_wait<kStages - 2>();  // step i has landed (this lane's own copies)
-    const uint4* slot = ring + ((i % kStages) * 32 * kWarps + threadIdx.x) * 2;
-    const uint4 wa = slot[0], wb = slot[1];
-    issue(i + kStages - 1);  // into the slot read in the previous step
-    const int kc = k_begin + i * kChunkK + 32 * t;
-    const bool valid = kc < k_end;
-    const int lg = p.group_shift < 0 ? 0 : (valid ? (kc >> p.group_shift) - g_first : 0);
-    uint32_t z0 = 8, z1 = 8;
-    if constexpr (HAS_ZEROS) {
-      z0 = z_sm[lg * kRowsPerCta + local0];
-      z1 = z_sm[lg * kRowsPerCta + local0 + 8];
+  Batch<S, U> cur, next;
+  load_batch<S, HAS_ZEROS, U>(p, k_begin, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
+
+  // x [M, k_begin:k_end] staged in shared memory once, while the first weights are in
+  // flight: read from global inside the loop, its L2 latency was paid twice per batch
+  // (8192x8192, M=1: 26.8 -> 25.7 us kernel time). Two x tiles (M > 8) read global memory:
+  // 16 staged rows capped the split length and cost more than they saved (36.6 -> 46.8 us).
+  constexpr bool kStageX = MT == 1;
+  extern __shared__ uint4 x_smem[];
+  if constexpr (kStageX) {
+    const int chunks = (k_end - k_begin) / 8;  // 16-byte pieces per row (K % 32 == 0)
+    for (int e = threadIdx.x; e < p.m * chunks; e += blockDim.x) {
+      const int m = e / chunks, c = e % chunks;
+      x_smem[m * (p.xs_stride / 8) + c] =
+          __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + k_begin) + c);
     }
-    Dequant<T> d0, d1;
-    d0.init(to_x_dtype<T>(s_sm[lg * kRowsPerCta + local0]), z0);
-    d1.init(to_x_dtype<T>(s_sm[lg * kRowsPerCta + local0 + 8]), z1);
-    // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each.
-    uint4 xv[MT][4];
+    __syncthreads();
+  }
+  const T* xs = reinterpret_cast<const T*>(x_smem);
+
+  for (int kb = k_begin; kb < k_end; kb += U * kChunkK) {
+    if (kb + U * kChunkK < k_end)
+      load_batch<S, HAS_ZEROS, U>(p, kb + U * kChunkK, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, next);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int m = g + 8 * mt;
-      const uint4* xp = kStageX ? reinterpret_cast<const uint4*>(xs + m * p.xs_stride + (kc - k_begin))
-                                : reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + kc);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? xp[j] : make_uint4(0, 0, 0, 0);
-    }
-    const uint32_t a_words[4] = {wa.x, wa.y, wa.z, wa.w};
-    const uint32_t b_words[4] = {wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // word j: k = kc + 8 j .. kc + 8 j + 7
-      uint32_t r0[4], r1[4];
-      d0.word(a_words[j], r0);
-      d1.word(b_words[j], r1);
-      const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]};  // k-slots: codes 0,4 | 1,5
-      const uint32_t a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};  // codes 2,6 | 3,7
+    for (int u = 0; u < U; ++u) {
+      const int kc = kb + u * kChunkK + 32 * t;
+      const bool valid = kc < k_end;
+      Dequant<T> d0, d1;
+      d0.init(to_x_dtype<T>(cur.s0[u]), cur.z0[u]);
+      d1.init(to_x_dtype<T>(cur.s1[u]), cur.z1[u]);
+      // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each.
+      uint4 xv[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint4 v = xv[mt][j];  // (x0,x1) (x2,x3) (x4,x5) (x6,x7)
-        mma16816<T>(acc[mt], a_lo, prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632));
-        mma16816<T>(acc[mt], a_hi, prmt(v.y, v.w, 0x5410), prmt(v.y, v.w, 0x7632));
+        const int m = g + 8 * mt;
+        const uint4* xp = kStageX ? reinterpret_cast<const uint4*>(xs + m * p.xs_stride + (kc - k_begin))
+                                  : reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * p.x_stride + kc);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[mt][j] = valid && m < p.m ? xp[j] : make_uint4(0, 0, 0, 0);
+      }
+      const uint32_t* a_words = reinterpret_cast<const uint32_t*>(&cur.w0[u]);
+      const uint32_t* b_words = reinterpret_cast<const uint32_t*>(&cur.w1[u]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // word j: k = kc + 8 j .. kc + 8 j + 7
+        uint32_t r0[4], r1[4];
+        d0.word(a_words[j], r0);
+        d1.word(b_words[j], r1);
+        const uint32_t a_lo[4] = {r0[0], r1[0], r0[1], r1[1]};  // k-slots: codes 0,4 | 1,5
+        const uint32_t a_hi[4] = {r0[2], r1[2], r0[3], r1[3]};  // codes 2,6 | 3,7
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4 v = xv[mt][j];  // (x0,x1) (x2,x3) (x4,x5) (x6,x7)
+          mma16816<T>(acc[mt], a_lo, prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632));
+          mma16816<T>(acc[mt], a_hi, prmt(v.y, v.w, 0x5410), prmt(v.y, v.w, 0x7632));
+        }
       }
     }
+    cur = next;
   }
-  cp_async_wait<0>();
 
   // acc[mt]: c0, c1 = (row0; x rows 8 mt + 2t, + 1), c2, c3 = (row1; same x rows).
 #pragma unroll
@@ -395,54 +355,52 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
   }
 }
 
-// Shared memory caps (the weight ring takes 24 KiB; all of it stays under the 48 KiB a launch
-// may take without opting in, and 4 CTAs fit an SM): x of a split <= 16 KiB (M <= 8),
-// scales + zeros <= 6 KiB. Splits are made short enough to fit.
-constexpr int kMaxXSmem = 16 * 1024;
-constexpr int kMaxScaleSmem = 6 * 1024;
+// x of a split is staged in shared memory: at most kMaxXSmem bytes per CTA, so that the
+// 3-4 CTAs per SM of the register budget also fit (M=16: <= 11 K steps per split), and
+// below the 48 KiB a launch may take without opting in.
+constexpr int kMaxXSmem = 46 * 1024;
 
-int max_split_steps(int m, int group, int k, int scale_bytes) {
-  int steps = 1 << 20;
-  if (m <= 8) steps = std::min(steps, (kMaxXSmem / (2 * m) - 8) / kChunkK);
-  if (group != k) {  // groups per split <= cap; +1 for a split that starts mid-group
-    const int groups = kMaxScaleSmem / (kRowsPerCta * (scale_bytes + 1)) - 1;
-    steps = std::min(steps, groups * group / kChunkK);
-  }
-  return std::max(1, steps);
-}
+int max_split_steps(int m) { return m > 8 ? 1 << 20 : std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
 
-// CTAs of the kernel one SM holds with `smem` bytes each (H100/A100: 228 KiB per SM, 1 KiB
-// reserved per CTA).
-int ctas_per_sm(int smem) { return std::max(1, std::min(kMaxCtasPerSm, 228 * 1024 / (smem + 1024))); }
-
-int choose_splits(const Params& p, int scale_bytes, int sms) {
-  const int k_steps = (p.k + kChunkK - 1) / kChunkK;
-  const int max_steps = max_split_steps(p.m, p.group, p.k, scale_bytes);
-  const int min_splits = (k_steps + max_steps - 1) / max_steps;
+// Splits of K: a power of two (even splits) whose grid fills the resident CTA slots most
+// evenly, the fewest on ties (a mostly idle last wave costs more than partials; on an H100,
+// M=1: 8192x8192 best at 4 splits, 25 us; 8192x28672 at 8, 61 us; 4096x4096 at 8, 13 us).
+int choose_splits(int n, int k, int m, int slots) {
+  const int k_steps = (k + kChunkK - 1) / kChunkK;
+  const int min_splits = (k_steps + max_split_steps(m) - 1) / max_split_steps(m);
   if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(min_splits, std::atoi(env));
-  const int ctas_n = (p.n + kRowsPerCta - 1) / kRowsPerCta;
+  const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
   int best = min_splits;
   double best_eff = 0.0;
   for (int s = 1; s <= 16; s *= 2) {
     if (s < min_splits || (s > 1 && k_steps / s < 4)) continue;  // >= 4 K steps per split
-    Params q = p;  // the shared memory this split length needs -> resident CTAs per SM
-    q.k_per_split = (k_steps + s - 1) / s * kChunkK;
-    q.xs_stride = q.k_per_split + 8;
-    const int smem = scale_bytes == 4 ? smem_plan<float>(q, p.m <= 8).total()
-                                      : smem_plan<__half>(q, p.m <= 8).total();
-    const double waves = static_cast<double>(ctas_n) * s / (ctas_per_sm(smem) * sms);
+    const double waves = static_cast<double>(ctas_n) * s / slots;
     const double eff = waves / std::ceil(waves);  // share of the launched slots doing work
     if (eff > best_eff + 0.02) best = s, best_eff = eff;
   }
   return std::max(best, min_splits);
 }
 
+// K steps per batch (U): 4 with one x tile (8192x8192, M=1: 25.1 vs 26.9 us with 2), 2 with
+// two (4 spills under the 128-register cap, so it is not built). DEEPKERN_INT4_BATCH=2|4
+// overrides for one x tile (sweeps).
+int batch_steps(int mt) {
+  const char* env = std::getenv("DEEPKERN_INT4_BATCH");
+  if (env != nullptr) return std::atoi(env) == 4 ? 4 : 2;
+  return mt == 1 ? 4 : 2;
+}
+
 template <typename T, typename S, bool HAS_ZEROS, int MT>
 void launch(const Params& p, int splits, cudaStream_t stream) {
   const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
-  const int smem = smem_plan<S>(p, MT == 1).total();
-  TORCH_CHECK(smem <= 48 * 1024, "int4_matmul (cuda): internal error: ", smem, " bytes of shared memory");
-  small_m_kernel<T, S, HAS_ZEROS, MT><<<grid, 32 * kWarps, smem, stream>>>(p);
+  const size_t smem = MT == 1 ? static_cast<size_t>(p.m) * p.xs_stride * 2 : 0;  // <= kMaxXSmem
+  if constexpr (MT == 1) {
+    if (batch_steps(MT) == 4) {
+      small_m_kernel<T, S, HAS_ZEROS, MT, 4><<<grid, 32 * kWarps, smem, stream>>>(p);
+      return;
+    }
+  }
+  small_m_kernel<T, S, HAS_ZEROS, MT, 2><<<grid, 32 * kWarps, smem, stream>>>(p);
 }
 
 template <typename T, typename S>
@@ -525,29 +483,30 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
 
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
-  Params p{};
-  p.m = static_cast<int>(m);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.group = static_cast<int>(group);
-  p.group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
-  p.zeros = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
-  const int splits_wanted = choose_splits(p, static_cast<int>(scales_in.element_size()), num_sms(x.get_device()));
+  const int slots = (m <= 8 ? kCtasPerSm<1> : kCtasPerSm<2>) * num_sms(x.get_device());
+  const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
   const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
   const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
   const int splits = (k_steps + per_split - 1) / per_split;
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
 
+  Params p{};
   p.x = x.data_ptr();
   p.x_stride = x.stride(0);
   p.packed = packed.data_ptr<int32_t>();
   p.scales = scales.data_ptr();
+  p.zeros = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.bias_fp32 = bias.has_value() && bias->scalar_type() == at::kFloat;
   p.out = out.data_ptr();
   p.part = splits > 1 ? part.data_ptr<float>() : nullptr;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
   p.kw = static_cast<int>(k / 8);
+  p.group = static_cast<int>(group);
+  p.group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
   p.k_per_split = per_split * kChunkK;
   p.xs_stride = p.k_per_split + 8;
   p.splits = splits;
