@@ -1,9 +1,10 @@
 """Bench cases for deepkern.int4_matmul (W4A16, g=128, asymmetric), the issue's H100 shapes.
 
-Providers, all on the same weight (seeded): ours (Triton) in fp16 and bf16; cuBLAS fp16 and
-bf16 (F.linear on the dequantized dense weight, so outputs cross-check to rounding);
-PyTorch's tinygemm (aten._weight_int4pack_mm, bf16) on the same codes, repacked. Baseline:
-cuBLAS fp16. Bytes = the int4 weight streamed (packed + scales + zeros) + x + y, so the
+Providers, all on the same weight (seeded): ours (CUDA for M <= 16, Triton) in fp16 and
+bf16; the Triton dequantization kernel + cuBLAS per call ("deepkern-dequant-cublas", a
+candidate path for large M); cuBLAS fp16 and bf16 (F.linear on the dequantized dense weight,
+so outputs cross-check to rounding); PyTorch's tinygemm (aten._weight_int4pack_mm, bf16) on
+the same codes, repacked. Baseline: cuBLAS fp16. Bytes = the int4 weight streamed (packed + scales + zeros) + x + y, so the
 fraction of copy bandwidth is the weight-streaming efficiency; flops = 2*M*N*K.
 
 Tuning (GPU): `python -m deepkern.bench.int4_matmul --sweep [--quick]` times candidate configs
@@ -66,6 +67,15 @@ def _cublas(dtype):
     return make
 
 
+def _dequant_cublas(m, n, k):
+    """Triton dequantization into a dense temporary, then cuBLAS: the path a large M could
+    take (measured here before `auto` uses it)."""
+    from deepkern.triton_kernels.int4_matmul import int4_dequantize
+
+    x, w = _data(m, n, k)
+    return lambda: F.linear(x, int4_dequantize(w.packed, w.scales, w.zeros, w.group_len, k, x.dtype))
+
+
 def _tinygemm(m, n, k):
     """tinygemm dequantizes (q - 8) * scale + zero; ours is (q - z) * scale, so its zero is
     (8 - z) * scale (rounded to bf16). Its packer takes uint8 [N, K/2], even k in the high
@@ -93,6 +103,7 @@ PROVIDERS = {
     "deepkern-cuda-bf16": _ours(torch.bfloat16, "cuda"),
     "deepkern-triton": _ours(torch.float16),
     "deepkern-triton-bf16": _ours(torch.bfloat16),
+    "deepkern-dequant-cublas": _dequant_cublas,
     "cublas-bf16": _cublas(torch.bfloat16),
     "tinygemm-bf16": _tinygemm,
 }

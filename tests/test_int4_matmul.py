@@ -99,6 +99,19 @@ def test_dequantization_is_exact(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_dequantize_kernel_is_exact(device):
+    """The Triton dequantization kernel writes exactly Int4Weight.dequantize(dtype), also for
+    ragged N and K (K % 8 != 0, channelwise) and per-word scales (g=32 < the K tile)."""
+    dtypes = (torch.float16,) if device == "cpu" else (torch.float16, torch.bfloat16)
+    for n, k, group_size, symmetric in ((24, 64, 32, False), (13, 320, 64, True), (7, 100, -1, False),
+                                        (40, 512, 256, False)):
+        w = _weight(n, k, group_size, symmetric, device=device)
+        for dtype in dtypes:
+            d = kernels.int4_dequantize(w.packed, w.scales, w.zeros, w.group_len, k, dtype)
+            assert torch.equal(d, w.dequantize(dtype)), f"{dtype} n={n} k={k} g={group_size}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_split_k_is_deterministic_and_matches(device):
     w = _weight(40, 512, 32, device=device)
     x = _x(3, 512, torch.float16, device)

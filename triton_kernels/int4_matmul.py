@@ -384,6 +384,21 @@ def _dx_kernel(
 
 
 @triton.jit
+def _dequant_kernel(
+    P, S, Z, D, N, K, KW, group, magic,
+    HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """D [N, K] = the dense weight in D's dtype (the tiles the matmul kernels build)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = n < N
+    w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, D.dtype.element_ty,
+                      HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(D + n[:, None].to(tl.int64) * K + k[None, :], w, mask=n_mask[:, None] & (k < K)[None, :])
+
+
+@triton.jit
 def _splitk_reduce_kernel(Part, Bias, Out, splits, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -480,3 +495,22 @@ def _dx(dy, packed, scales, zeros, group: int, k: int, config: Config | None):
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return dx
+
+
+def int4_dequantize(packed, scales, zeros, group: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype` (fp16/bf16), bit-identical to Int4Weight.dequantize:
+    one pass that reads the 4-bit codes and writes the dense copy. For a dequantize-then-GEMM
+    path at large M (bench provider "deepkern-dequant-cublas"); not used by `auto` yet."""
+    with _on_device(packed.device):
+        n, kw = packed.shape
+        out = torch.empty((n, k), dtype=dtype, device=packed.device)
+        if n == 0 or k == 0:
+            return out
+        block_n, block_k = (16, 64) if packed.device.type == "cpu" else (64, 128)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+        _dequant_kernel[grid](
+            packed, scales, zeros if zeros is not None else scales, out, n, k, kw, group, MAGIC_BITS,
+            HAS_ZEROS=zeros is not None, SCALE_PER_TILE=_scale_per_tile(group, k, block_k),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        )
+        return out
