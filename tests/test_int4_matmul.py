@@ -426,10 +426,13 @@ def test_cuda_forward(dtype, m, n, k, group_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("batch", ["2", "4"])
 @pytest.mark.parametrize("splits", ["1", "3", "64"])
-def test_cuda_split_k(monkeypatch, splits):
-    """One split (bias added in the main kernel), a ragged split count, more splits than fit."""
+def test_cuda_split_k(monkeypatch, splits, batch):
+    """One split (bias added in the main kernel), a ragged split count, more splits than fit;
+    both batch depths of the one-x-tile kernel."""
     monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
+    monkeypatch.setenv("DEEPKERN_INT4_BATCH", batch)
     for dtype in (torch.float16, torch.bfloat16):
         _check(5, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
         w = _weight(64, 1024, 128, device="cuda")
