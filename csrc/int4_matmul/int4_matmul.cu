@@ -17,8 +17,12 @@
 // Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype (others are
 // rounded to it first: within one rounding). Accumulation is fp32.
 //
-// Split-K keeps every SM streaming at M = 1: fp32 partials [splits, M, N] are summed in a
-// fixed order by a second kernel (deterministic, no atomics), which adds the bias.
+// Latency: each lane double-buffers its weights in registers (the next batch of K steps is
+// loaded before this one is unpacked) and, for M <= 8, the CTA stages its split of x in
+// shared memory once. Split-K keeps every SM streaming at M = 1: fp32 partials
+// [splits, M, N] are summed in split order by the last CTA of each column to finish (a
+// second kernel while a CUDA graph is being captured), so results are deterministic.
+// Measured history and what did not work: docs/perf-notes.md (int4_matmul).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
