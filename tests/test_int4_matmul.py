@@ -463,6 +463,9 @@ def test_cuda_layouts_and_determinism():
     assert_close(y, _ref(x, w), torch.float16)
     assert torch.equal(y, deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))
     assert torch.equal(y, deepkern.int4_matmul(x, w, backend="cuda"))
+    flat = torch.empty(4 * 4096 + 1, dtype=torch.float16, device="cuda")
+    x_odd = flat[1:].view(4, 4096).copy_(x)  # contiguous, but 2 bytes off 16-byte alignment
+    assert torch.equal(y, deepkern.int4_matmul(x_odd, w, backend="cuda"))
     x3 = _x(3, 4096, torch.float16, "cuda", batch=(2,))  # [2, 3, K] -> 6 rows
     assert_close(deepkern.int4_matmul(x3, w, backend="cuda"), _ref(x3, w), torch.float16)
     ws = quantize_int4((torch.randn(64, 256) * 0.05).float(), 64).to("cuda")  # fp32 scales

@@ -223,11 +223,10 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
 // Register double buffering: batch i + 1 is loaded before batch i is unpacked, so every
 // lane keeps 2 x U x 32 bytes of weight in flight.
 // CTAs per SM the register budget is set for: 4 (<= 128 registers; 86-112 used on sm_90a).
-template <int MT>
 constexpr int kCtasPerSm = 4;
 
 template <typename T, typename S, bool HAS_ZEROS, int MT, int U>
-__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm<MT>) small_m_kernel(const Params p) {
+__global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const Params p) {
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kRowsPerCta + (threadIdx.x >> 5) * 16 + g;
@@ -475,9 +474,12 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   // 16-byte loads of x rows: a unit-stride copy when the rows are not aligned (x is small).
+  auto aligned = [](const at::Tensor& t) {
+    return t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
   at::Tensor x = x_in;
-  if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
-    x = x_in.contiguous().clone();
+  if (!aligned(x)) x = x_in.contiguous();  // a fresh, aligned copy unless x_in was contiguous
+  if (!aligned(x)) x = x_in.clone(at::MemoryFormat::Contiguous);  // contiguous view at an odd offset
   // Scales of another dtype are rounded to x's in the kernel (no per-call conversion copy);
   // with scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
   TORCH_CHECK(scales_in.scalar_type() == at::kHalf || scales_in.scalar_type() == at::kBFloat16 ||
@@ -487,7 +489,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
 
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
-  const int slots = (m <= 8 ? kCtasPerSm<1> : kCtasPerSm<2>) * num_sms(x.get_device());
+  const int slots = kCtasPerSm * num_sms(x.get_device());
   const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
   const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
   const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;

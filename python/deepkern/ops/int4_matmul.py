@@ -167,7 +167,7 @@ def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096
     return reasons
 
 
-def _auto_order(m: int) -> tuple[str, ...]:
+def _auto_order() -> tuple[str, ...]:
     # The CUDA kernel covers M <= 16 (see _reasons); where it runs it goes first.
     return ("cuda", "triton", "torch")
 
@@ -186,9 +186,9 @@ def int4_matmul_parts(
     """int4_matmul on the tensors of an Int4Weight (used by Int4Linear, which keeps them as
     buffers). No checks on the weight tensors themselves: Int4Weight/Int4Linear made them."""
     _check(who, x, packed, scales, n, k, bias)
-    m = x.numel() // k if k else 0
+    m = x.numel() // k
     group = effective_group_size(group_size, k)
-    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order(m))
+    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order())
     if choice == "torch":
         return int4_matmul_ref_parts(x, packed, scales, zeros, k, group_size, bias)
     op = torch.ops.deepkern.int4_matmul if choice == "cuda" else torch.ops.deepkern_triton.int4_matmul
