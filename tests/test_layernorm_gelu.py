@@ -86,6 +86,15 @@ def test_forward_variants(device, variant):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("n", [2500, 3000, 6144])
+def test_forward_register_chunks(device, n):
+    """Widths a power-of-two block would pad (Triton: the row as 3-5 chunks in registers)."""
+    for backend in _backends(device):
+        _check_forward((3, n), torch.bfloat16, device, backend)
+        _check_forward((2, n), torch.float32, device, backend, norm="rmsnorm", residual=True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("n", [40000, 65536])
 def test_forward_long_rows(device, n):
     """Rows past the single-block limit take the looped kernels."""
@@ -97,7 +106,7 @@ def test_forward_long_rows(device, n):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2048, 1), (1025, 1000), (512, 5120), (13, 12288), (64, 65536),
-                                   (4, 8, 4096), (300, 65537)])
+                                   (4, 8, 4096), (300, 65537), (333, 70), (333, 640)])
 def test_forward_gpu_shapes(dtype, shape):
     for backend in ("cuda", "triton"):
         _check_forward(shape, dtype, "cuda", backend)
@@ -194,7 +203,7 @@ def test_backward_long_rows(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4096, 1), (1025, 1000), (777, 5120), (300, 12288), (40, 65536),
-                                   (3, 7, 2048), (50, 16383)])
+                                   (3, 7, 2048), (50, 16383), (333, 70), (333, 640)])
 def test_backward_gpu_shapes(dtype, shape):
     for backend in ("cuda", "triton"):
         _check_backward(shape, dtype, "cuda", backend)
@@ -232,6 +241,42 @@ def test_expanded_gradient(device):
         xr = x.detach().double().requires_grad_(True)
         layernorm_gelu_ref(xr).sum().backward()
         assert_close(x.grad, xr.grad, torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_elementwise_accuracy(device, dtype):
+    """GELU and its derivative value by value over z in [-9, 9], tails included: with weight 0
+    the kernels see z = bias exactly, so y = GELU(bias) and (one row, dy = 1) dbias =
+    GELU'(bias). The reference uses erfc: 0.5 * (1 + erf(z / sqrt 2)) cancels to nothing in
+    the tail even in fp64. Bound: 1 ulp of the output dtype (fp32: 2e-5 relative); the old
+    0.5 * (1 + erff(z / sqrt 2)) form fails it for z < -4."""
+    z = torch.linspace(-9.0, 9.0, 721, dtype=torch.float64)
+    info = torch.finfo(dtype)
+    rel = 2e-5 if dtype == torch.float32 else info.eps
+    tiny = info.smallest_normal * info.eps  # subnormal spacing
+    n = z.numel()
+    x = torch.randn(1, n).to(dtype).to(device)
+    w = torch.zeros(n, dtype=dtype, device=device, requires_grad=True)
+    b = z.to(dtype).to(device).requires_grad_(True)
+    zq = b.detach().double().cpu()  # z as the kernel sees it (rounded to dtype)
+    phi = 0.5 * torch.special.erfc(-zq / 2**0.5)
+    zpdf = zq * torch.exp(-0.5 * zq * zq) / (2 * torch.pi) ** 0.5
+    # GELU'(z) = Phi(z) + z pdf(z) is a difference of near-equal terms around its root
+    # (z = -0.75); the bound there scales with the terms, not the result.
+    cases = (("y", zq * phi, (zq * phi).abs()), ("dbias", phi + zpdf, phi + zpdf.abs()))
+    for backend in _backends(device):
+        w.grad = b.grad = None
+        y = deepkern.layernorm_gelu(x, w, b, backend=backend)
+        y.backward(torch.ones_like(y))
+        for (name, ref, scale), out in zip(cases, (y[0], b.grad)):
+            err = (out.double().cpu() - ref).abs()
+            bound = rel * scale + tiny
+            worst = int(torch.argmax(err / bound))
+            assert bool((err <= bound).all()), (
+                f"{name} [{backend} {dtype}] at z={zq[worst].item():.4f}: {out[worst].item():.6e} "
+                f"vs {ref[worst].item():.6e}"
+            )
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

@@ -11,6 +11,8 @@ Paths:
 - rows up to MAX_ROW_BLOCK_FWD (bwd: MAX_ROW_BLOCK_BWD) elements: one program per row (forward)
   or per group of rows (backward, persistent, weight-gradient sums kept in registers), the row
   held as a single block.
+- widths a power-of-two block would leave >1/8 empty (5120, 12288, ...; up to 16384): the
+  forward holds the row as 3-8 power-of-two chunks in registers (_fwd_chunks_kernel).
 - longer rows: the forward loops over the row twice (statistics by Chan's merge of per-chunk
   moments, then normalize+GELU, re-reading mostly from L2); the backward computes per-row
   statistics first, then a column-tiled kernel writes dx and weight-gradient partials.
@@ -36,8 +38,57 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
+# Exact (erf) GELU through the normal CDF: Phi(-|z|) = t * Q(t) * exp(-z*z/2), t = 1/(1 + C|z|),
+# with C and Q fitted by scripts/fit_gelu_phi.py (it prints these and the errors). Degree 6 for
+# 16-bit outputs (max relative error of Phi 6e-6 in fp32 arithmetic, 40x below half an fp16
+# ulp), degree 8 for fp32 (6e-7 for |z| <= 2, 3e-6 at z = -6). libdevice erff costs ~23
+# instructions per element against 11 + degree here, and 0.5 * (1 + erf(z / sqrt 2)) cancels
+# to nothing for z < -4, where this form keeps its relative accuracy.
+NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)
+C6 = tl.constexpr(3.889087297e-01)
+C8 = tl.constexpr(2.828427125e-01)
+
+
 @triton.jit
-def _gelu(z, TANH: tl.constexpr):
+def _rcp(d, FAST: tl.constexpr):
+    # FAST (compiled for the GPU): one MUFU.RCP. Triton's `/` emits div.full.f32, several
+    # instructions per element, and the forward is near its instruction limit. The
+    # interpreter has no inline asm.
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / d
+
+
+@triton.jit
+def _phi_tail(z, WIDE: tl.constexpr, FAST: tl.constexpr):
+    """(|z|, Phi(-|z|), exp(-z*z/2)); WIDE: the degree-8 fit for fp32 outputs."""
+    a = tl.abs(z)
+    e = tl.exp2(z * (z * NEG_HALF_LOG2E))
+    if WIDE:
+        t = _rcp(a * C8 + 1.0, FAST)
+        q = t * 2.513013125e-02 - 9.144716956e-02
+        q = q * t + 8.453721063e-02
+        q = q * t - 2.799373214e-03
+        q = q * t + 7.071379143e-02
+        q = q * t + 8.427144193e-02
+        q = q * t + 1.039212977e-01
+        q = q * t + 1.128348014e-01
+        q = q * t + 1.128379309e-01
+    else:
+        t = _rcp(a * C6 + 1.0, FAST)
+        q = t * 4.942435523e-02 - 1.509265762e-01
+        q = q * t + 8.859074239e-02
+        q = q * t + 6.930821865e-02
+        q = q * t + 1.333594549e-01
+        q = q * t + 1.550938513e-01
+        q = q * t + 1.551520857e-01
+    return a, q * t * e, e
+
+
+@triton.jit
+def _gelu(z, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr):
     if TANH:
         # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 for large |u|. (Tensor operands
         # come first in products with constexprs: `constexpr * tensor` breaks the Triton 3.8
@@ -45,27 +96,31 @@ def _gelu(z, TANH: tl.constexpr):
         u = (z + 0.044715 * z * z * z) * SQRT_2_OVER_PI
         return 0.5 * z * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
     else:
-        return 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
+        # z * Phi(z) = max(z, 0) - |z| * Phi(-|z|): no select.
+        a, p, _ = _phi_tail(z, WIDE, FAST)
+        return tl.maximum(z, 0.0) - a * p
 
 
 @triton.jit
-def _gelu_grad(z, TANH: tl.constexpr):
+def _gelu_grad(z, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr):
     if TANH:
         z2 = z * z
         t = 1.0 - 2.0 / (tl.exp(z * (1.0 + 0.044715 * z2) * SQRT_2_OVER_PI * 2.0) + 1.0)
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + 0.134145 * z2) * SQRT_2_OVER_PI
     else:
-        return 0.5 * (1.0 + tl.math.erf(z * SQRT1_2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+        _, p, e = _phi_tail(z, WIDE, FAST)
+        return tl.where(z > 0, 1.0 - p, p) + z * e * INV_SQRT_2PI
 
 
 @triton.jit
-def _affine_gelu(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr):
+def _affine_gelu(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr,
+                 WIDE: tl.constexpr, FAST: tl.constexpr):
     z = xhat
     if HAS_W:
         z = z * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
         z = z + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    return _gelu(z, TANH)
+    return _gelu(z, TANH, WIDE, FAST)
 
 
 @triton.jit
@@ -73,7 +128,7 @@ def _fwd_row_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
     N, stride_x, stride_r, eps, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -93,18 +148,111 @@ def _fwd_row_kernel(
         tl.store(Mean + row, mean)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) * inv_n + eps)
     tl.store(Rstd + row, rstd)
-    y = _affine_gelu(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
+    y = _affine_gelu(xc * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_in(X, R, H, row, N, stride_x, stride_r, k: tl.constexpr,
+              HAS_RES: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    """Chunk k of the row as fp32 (h = x + residual stored when HAS_RES); zeros for k >= NCHUNK
+    (never loaded: the compiler drops them)."""
+    if k < NCHUNK:
+        cols = k * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x + r).to(H.dtype.element_ty)
+            tl.store(H + row * N + cols, h, mask=mask)
+            x = h.to(tl.float32)
+        return x
+    else:
+        return tl.zeros([CHUNK], dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_out(x, W, B, Y, row, N, mean, rstd, k: tl.constexpr,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr,
+               FAST: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    if k < NCHUNK:
+        cols = k * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < N
+        y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_sq(x, mean, N, k: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    if k < NCHUNK:
+        cols = k * CHUNK + tl.arange(0, CHUNK)
+        d = tl.where(cols < N, x - mean, 0.0)
+        return d * d
+    else:
+        return tl.zeros([CHUNK], dtype=tl.float32)
+
+
+@triton.jit
+def _fwd_chunks_kernel(
+    X, R, W, B, Y, H, Mean, Rstd,
+    N, stride_x, stride_r, eps, inv_n,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
+    CHUNK: tl.constexpr, NCHUNK: tl.constexpr,
+):
+    """The row in registers as NCHUNK (<= 8) power-of-two chunks: widths like 5120 = 5 x 1024
+    or 12288 = 3 x 4096 without a padded power-of-two block (wasted lanes cost instructions)
+    or a second pass over the row (the looped kernel)."""
+    row = tl.program_id(0).to(tl.int64)
+    x0 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 0, HAS_RES, CHUNK, NCHUNK)
+    x1 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 1, HAS_RES, CHUNK, NCHUNK)
+    x2 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 2, HAS_RES, CHUNK, NCHUNK)
+    x3 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 3, HAS_RES, CHUNK, NCHUNK)
+    x4 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 4, HAS_RES, CHUNK, NCHUNK)
+    x5 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 5, HAS_RES, CHUNK, NCHUNK)
+    x6 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 6, HAS_RES, CHUNK, NCHUNK)
+    x7 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 7, HAS_RES, CHUNK, NCHUNK)
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=0) * inv_n
+    sq = ((_chunk_sq(x0, mean, N, 0, CHUNK, NCHUNK) + _chunk_sq(x1, mean, N, 1, CHUNK, NCHUNK))
+          + (_chunk_sq(x2, mean, N, 2, CHUNK, NCHUNK) + _chunk_sq(x3, mean, N, 3, CHUNK, NCHUNK))) \
+        + ((_chunk_sq(x4, mean, N, 4, CHUNK, NCHUNK) + _chunk_sq(x5, mean, N, 5, CHUNK, NCHUNK))
+           + (_chunk_sq(x6, mean, N, 6, CHUNK, NCHUNK) + _chunk_sq(x7, mean, N, 7, CHUNK, NCHUNK)))
+    rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) * inv_n + eps)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+    _chunk_out(x0, W, B, Y, row, N, mean, rstd, 0, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x1, W, B, Y, row, N, mean, rstd, 1, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x2, W, B, Y, row, N, mean, rstd, 2, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x3, W, B, Y, row, N, mean, rstd, 3, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x4, W, B, Y, row, N, mean, rstd, 4, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x5, W, B, Y, row, N, mean, rstd, 5, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x6, W, B, Y, row, N, mean, rstd, 6, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x7, W, B, Y, row, N, mean, rstd, 7, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
 
 
 @triton.jit
 def _fwd_loop_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
-    N, stride_x, stride_r, eps, inv_n,
+    N, stride_x, stride_r, eps, inv_n, n_rows,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    RMS: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # Rows pid, pid + programs, ...: with few programs per SM the rows in flight fit in L2,
+    # so pass 2 re-reads from L2, not DRAM (4096x65536: 570 us with one program per row).
+    for row32 in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _fwd_loop_row(X, R, W, B, Y, H, Mean, Rstd, tl.cast(row32, tl.int64), N, stride_x, stride_r, eps,
+                      inv_n, HAS_W, HAS_B, HAS_RES, RMS, TANH, WIDE, FAST, BLOCK_N)
+
+
+@triton.jit
+def _fwd_loop_row(
+    X, R, W, B, Y, H, Mean, Rstd, row, N, stride_x, stride_r, eps, inv_n,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+):
     x_row = X + row * stride_x
     h_row = H + row * N
     # Pass 1: merge per-chunk (count, mean, M2) with Chan's formula (rmsnorm: sum of squares).
@@ -145,7 +293,7 @@ def _fwd_loop_kernel(
             x = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
         else:
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH)
+        y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
         tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -153,31 +301,48 @@ def _fwd_loop_kernel(
 def _bwd_rows_kernel(
     DY, X, W, B, Mean, Rstd, DX, DWp, DBp,
     n_rows, N, stride_dy, stride_x, inv_n,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for row in range(pid, n_rows, tl.num_programs(0)):
+    # PREFETCH: the next row's x and dy are loaded before this row is computed and reduced, so
+    # a program keeps its loads in flight through its own reductions.
+    if PREFETCH:
+        first = tl.cast(pid, tl.int64)
+        x_next = tl.load(X + first * stride_x + cols, mask=mask & (first < n_rows), other=0.0)
+        dy_next = tl.load(DY + first * stride_dy + cols, mask=mask & (first < n_rows), other=0.0)
+    for row in range(pid, n_rows, step):
         row64 = tl.cast(row, tl.int64)
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x_raw = x_next
+            dy_raw = dy_next
+            nxt = row64 + step
+            x_next = tl.load(X + nxt * stride_x + cols, mask=mask & (nxt < n_rows), other=0.0)
+            dy_next = tl.load(DY + nxt * stride_dy + cols, mask=mask & (nxt < n_rows), other=0.0)
+        else:
+            x_raw = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
+            dy_raw = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0)
+        x = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
         rstd = tl.load(Rstd + row)
         xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-        dz = dy * _gelu_grad(xhat * w + b, TANH)
+        dz = dy * _gelu_grad(xhat * w + b, TANH, WIDE, FAST)
         dw += dz * xhat
         db += dz
         dxhat = dz * w
-        c2 = tl.sum(dxhat * xhat, axis=0) * inv_n
         if RMS:
+            c2 = tl.sum(dxhat * xhat, axis=0) * inv_n
             dx = rstd * (dxhat - xhat * c2)
         else:
-            c1 = tl.sum(dxhat, axis=0) * inv_n
+            # Both row sums in one reduction (one barrier round instead of two).
+            c1, c2 = tl.split(tl.sum(tl.join(dxhat, dxhat * xhat), axis=0) * inv_n)
             dx = rstd * (dxhat - c1 - xhat * c2)
         tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if HAS_W:
@@ -190,7 +355,7 @@ def _bwd_rows_kernel(
 def _bwd_row_stats_kernel(
     DY, X, W, B, Mean, Rstd, C1, C2,
     N, stride_dy, stride_x, inv_n,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     mean = tl.load(Mean + row)
@@ -205,7 +370,7 @@ def _bwd_row_stats_kernel(
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        dxhat = dy * _gelu_grad(xhat * w + b, TANH) * w
+        dxhat = dy * _gelu_grad(xhat * w + b, TANH, WIDE, FAST) * w
         s1 += dxhat
         s2 += dxhat * xhat
     tl.store(C1 + row, tl.sum(s1, axis=0) * inv_n)
@@ -216,7 +381,7 @@ def _bwd_row_stats_kernel(
 def _bwd_tiles_kernel(
     DY, X, W, B, Mean, Rstd, C1, C2, DX, DWp, DBp,
     n_rows, N, stride_dy, stride_x, rows_per_group,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +399,7 @@ def _bwd_tiles_kernel(
         dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)
         xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-        dz = dy * _gelu_grad(xhat * w + b, TANH)
+        dz = dy * _gelu_grad(xhat * w + b, TANH, WIDE, FAST)
         dw += dz * xhat
         db += dz
         c1 = 0.0 if RMS else tl.load(C1 + row)
@@ -247,8 +412,16 @@ def _bwd_tiles_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(P, Out, n_parts, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_partials_kernel(P0, P1, Out0, Out1, n_parts, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out_k[cols] = sum over parts of P_k[part, cols], k = program_id(1): dweight and dbias in
+    one launch (a Triton launch costs ~40 us of CPU on the GPU machine's host)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(1) == 0:
+        P = P0
+        Out = Out0
+    else:
+        P = P1
+        Out = Out1
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for start in range(0, n_parts, BLOCK_P):
         parts = start + tl.arange(0, BLOCK_P)
@@ -273,6 +446,21 @@ def _loop_chunk(n: int) -> int:
     while chunk > 512 and n % chunk:
         chunk //= 2
     return chunk
+
+
+def _register_chunk(n: int) -> int:
+    """Chunk of _fwd_chunks_kernel for a row width that a power-of-two block would pad:
+    the largest power of two <= 4096 splitting n into <= 8 chunks with the last one at least
+    7/8 full; 0 when none does or the row is too long for registers (> 16384)."""
+    if n > 16384:
+        return 0
+    chunk = 4096
+    while chunk >= 256:
+        nchunk = triton.cdiv(n, chunk)
+        if nchunk <= 8 and n - (nchunk - 1) * chunk >= chunk * 7 // 8:
+            return chunk
+        chunk //= 2
+    return 0
 
 
 def _row_warps(block_n: int) -> int:
@@ -300,31 +488,45 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
     )
     flags = dict(
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-        RMS=rmsnorm, TANH=tanh,
+        RMS=rmsnorm, TANH=tanh, WIDE=x.dtype == torch.float32, FAST=x.is_cuda,
     )
     block_n = triton.next_power_of_2(n)
     # One block per row when the row fills it; rows that would leave a padded block more than
     # ~1/8 empty loop over exact chunks instead (H100 bf16: 32768x5120 row block 471 us, chunks
     # of 1024 367 us; 8192x12288: 354 us vs chunks of 4096 213 us).
     padded = block_n > n * 9 // 8 and n > 2048
+    chunk = config.get("chunk", _register_chunk(n))
     if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_FWD) and not padded:
         _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n,
                                  num_warps=config.get("num_warps", _row_warps(block_n)))
+    elif chunk:
+        nchunk = triton.cdiv(n, chunk)
+        if nchunk > 8:
+            raise ValueError(f"layernorm_gelu_fwd: chunk {chunk} splits {n} into {nchunk} > 8 chunks")
+        # H100 bf16: 8192x12288 (3 x 4096) 8 warps 142 us, 16 warps 154; 32768x5120 (5 x 1024)
+        # 4 or 8 warps 230-233 us.
+        _fwd_chunks_kernel[(rows,)](*args, **flags, CHUNK=chunk, NCHUNK=nchunk,
+                                    num_warps=config.get("num_warps", 8 if chunk >= 2048 else 4))
     else:
-        chunk = config.get("block", _loop_chunk(n))
-        _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=chunk,
-                                  num_warps=config.get("num_warps", 4 if chunk <= 1024 else 8))
+        block = config.get("block", _loop_chunk(n))
+        programs = min(rows, config.get("per_sm", 2) * _num_programs_per_device(x.device))
+        _fwd_loop_kernel[(programs,)](*args, rows, **flags, BLOCK_N=block,
+                                      num_warps=config.get("num_warps", 4 if block <= 1024 else 8))
     return y, h, mean, rstd
 
 
-def _sum_partials(parts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    n_parts, n = parts.shape
-    out = torch.empty((n,), dtype=like.dtype, device=like.device)
+def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
+                  has: tuple[bool, bool]) -> None:
+    """dw, db (when has[0], has[1]) = column sums of their [parts, n] fp32 partials."""
+    n_parts, n = dwp.shape
+    which = [k for k in (0, 1) if has[k]]
+    parts, out = (dwp, dbp), (dw, db)
+    first, last = which[0], which[-1]  # grid axis 1 picks 0 = first, 1 = last
     block_n = 128
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
-        parts, out, n_parts, n, BLOCK_P=32, BLOCK_N=block_n, num_warps=4
+    _sum_partials_kernel[(triton.cdiv(n, block_n), len(which))](
+        parts[first], parts[last], out[first], out[last], n_parts, n,
+        BLOCK_P=32, BLOCK_N=block_n, num_warps=4,
     )
-    return out
 
 
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
@@ -341,7 +543,8 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
         dw = torch.zeros_like(weight) if weight is not None else empty()
         db = torch.zeros_like(bias) if bias is not None else empty()
         return dx, dw, db
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, RMS=rmsnorm, TANH=tanh)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, RMS=rmsnorm, TANH=tanh,
+                 WIDE=x.dtype == torch.float32, FAST=x.is_cuda)
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     block_n = triton.next_power_of_2(n)
@@ -355,14 +558,14 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
         dbp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
         _bwd_rows_kernel[(programs,)](
             dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n,
-            **flags, BLOCK_N=block_n,
+            **flags, BLOCK_N=block_n, PREFETCH=config.get("prefetch", True),
             num_warps=config.get("num_warps", max(4, min(16, block_n // 512))),
         )
     else:
         stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
         _bwd_row_stats_kernel[(rows,)](
             dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0), 1.0 / n,
-            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh,
+            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, WIDE=flags["WIDE"], FAST=flags["FAST"],
             BLOCK_N=config.get("block", LOOP_BLOCK), num_warps=config.get("num_warps", 8),
         )
         tile_cols = config.get("tile_cols", TILE_COLS)
@@ -377,6 +580,8 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
             rows, n, dy.stride(0), x.stride(0), rows_per_group,
             **flags, BLOCK_N=tile_cols, num_warps=config.get("tile_warps", 4),
         )
-    dw = _sum_partials(dwp, weight) if weight is not None else empty()
-    db = _sum_partials(dbp, bias) if bias is not None else empty()
+    dw = torch.empty_like(weight) if weight is not None else empty()
+    db = torch.empty_like(bias) if bias is not None else empty()
+    if weight is not None or bias is not None:
+        _sum_partials(dwp, dbp, dw, db, (weight is not None, bias is not None))
     return dx, dw, db

@@ -83,12 +83,16 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
   return true;
 }
 
-int threads_for(const RowsConfig& cfg) { return std::max(cfg.tpr, 128); }
+// At least 128 threads per CTA, and a whole number of rows: with tpr = 96 a 128-thread CTA
+// would hand its last warp a second, partial row (wrong sums, a write race on the next row).
+int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.tpr); }
 
 template <typename T, typename PT, int VEC, bool TANH>
-void launch_fwd(const FwdParams& p, const RowsConfig& cfg, cudaStream_t stream) {
+void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStream_t stream) {
   if (cfg.iters == 0) {
-    lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
+    // Two 1024-thread CTAs per SM at most; more rows in flight would spill pass 2 out of L2.
+    const int64_t ctas = std::min<int64_t>(p.rows, 2 * static_cast<int64_t>(num_sms(device)));
+    lngelu::fwd_loop_kernel<T, VEC, TANH><<<ctas, 1024, 0, stream>>>(p);
     return;
   }
   const int threads = threads_for(cfg);
@@ -132,7 +136,7 @@ int64_t launch_bwd(BwdParams p, const RowsConfig& cfg, const at::Tensor& x, int 
   };
   if (cfg.iters != 0) {
     auto run = [&](auto kernel) {
-      const size_t smem = lngelu::bwd_rows_smem(VEC, cfg.iters, threads_for(cfg));
+      const size_t smem = 0;
       int64_t ctas = 0;
       const int64_t walkers = walkers_for(kernel, cfg, p.rows, device, smem, ctas);
       alloc_parts(walkers);
@@ -277,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_fwd(
   });
   dispatch(x.scalar_type(), p.params_fp32, vectorized, tanh_approx, [&](auto t, auto pt, auto vec, auto tanh_c) {
     const RowsConfig cfg = rows_config(n / vec, false);
-    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, stream);
+    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, device, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, h, mean, rstd};

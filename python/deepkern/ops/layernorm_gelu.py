@@ -6,6 +6,8 @@ Public function -> validation -> backend choice -> one of
     deepkern.reference.layernorm_gelu_ref                 (torch)
 Both kernel backends share the op schema, the fake implementations and the autograd wiring
 below; the backward op is an op too, so torch.compile and CUDA graphs see the whole thing.
+Eager calls skip the custom-op wrappers (their CPU cost; see "Eager path") and call the same
+launchers through one autograd.Function.
 """
 
 from __future__ import annotations
@@ -128,6 +130,72 @@ def _fwd_op(backend: str):
 
 
 # ------------------------------------------------------------------------------------------
+# Eager path. On the GPU machine's host, torch.library's custom-op and autograd wrappers cost
+# more CPU time than a large call's GPU work (64x1024 bf16, CPU per call: Triton fwd+bwd 1094
+# us through the custom op, of which its two launchers take 63 + 117 us; the 16384x8192 GPU
+# work is ~590 us), so eager calls use a plain autograd.Function over the same launchers.
+# torch.compile traces the custom ops above instead (torch.compiler.is_compiling()).
+
+
+def _cuda_fwd(*args):
+    with torch._C._AutoDispatchBelowAutograd():  # the C++ kernel, no Python autograd wrapper
+        return torch.ops.deepkern.layernorm_gelu_fwd.default(*args)
+
+
+def _cuda_bwd(*args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.deepkern.layernorm_gelu_bwd.default(*args)
+
+
+def _triton_fwd_eager(*args):
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_fwd(*args)
+
+
+def _triton_bwd_eager(*args):
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_bwd(*args)
+
+
+_EAGER = {"cuda": (_cuda_fwd, _cuda_bwd), "triton": (_triton_fwd_eager, _triton_bwd_eager)}
+
+
+class _EagerLayerNormGELU(torch.autograd.Function):
+    """Same saved tensors and gradients as the custom ops' autograd (_setup_context,
+    _make_backward)."""
+
+    @staticmethod
+    def forward(ctx, backend, x, weight, bias, residual, eps, rmsnorm, tanh):
+        y, h, mean, rstd = _EAGER[backend][0](x, weight, bias, residual, eps, rmsnorm, tanh)
+        ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
+        ctx.backend = backend
+        ctx.flags = (rmsnorm, tanh, residual is not None)
+        if residual is None:
+            ctx.mark_non_differentiable(h)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        rmsnorm, tanh, has_residual = ctx.flags
+        dx, dw, db = _EAGER[ctx.backend][1](as_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
+        if has_residual:
+            dx = dx + dh.reshape(dx.shape)
+        return (
+            None,
+            dx,
+            dw if weight is not None else None,
+            db if bias is not None else None,
+            dx if has_residual else None,
+            None,
+            None,
+            None,
+        )
+
+
+# ------------------------------------------------------------------------------------------
 # Validation and backend choice
 
 
@@ -185,12 +253,9 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
 
 
 def _auto_order(n: int, training: bool) -> tuple[str, ...]:
-    # Measured on H100, bf16 (bench/results/h100.json): the Triton forward is faster at every
-    # listed shape (e.g. 16384x8192: 250 us vs 303 us); forward+backward, the CUDA pair is
-    # faster up to hidden 12288 (16384x8192: 976 us vs 1517 us) and Triton's at 65536
-    # (2160 us vs 2366 us). The backward op follows the forward's backend.
-    if training and n <= 16384:
-        return ("cuda", "triton", "torch")
+    # Measured on H100, bf16, kernels alone (scripts/tune_layernorm_gelu.py, 2026-11-22): the
+    # Triton kernels are faster at every bench shape, forward (16384x8192: 186 us vs CUDA 222;
+    # 32768x5120: 232 vs 280; 4096x65536: 570 vs 787) and backward (390 vs 577; 596 vs 900).
     return ("triton", "cuda", "torch")
 
 
@@ -237,7 +302,7 @@ def layernorm_gelu(
     if choice == "torch" or x.numel() == 0:
         return layernorm_gelu_ref(x, weight, bias, eps, approximate, residual, norm)
     shape = x.shape
-    y, h, _, _ = _fwd_op(choice)(
+    args = (
         as_rows(x),
         weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None,
@@ -246,5 +311,11 @@ def layernorm_gelu(
         norm == "rmsnorm",
         approximate == "tanh",
     )
+    if torch.compiler.is_compiling():
+        y, h, _, _ = _fwd_op(choice)(*args)
+    elif training:
+        y, h = _EagerLayerNormGELU.apply(choice, *args)
+    else:
+        y, h, _, _ = _EAGER[choice][0](*args)
     y = y.view(shape)
     return y if residual is None else (y, h.view(shape))
