@@ -88,11 +88,9 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
 int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.tpr); }
 
 template <typename T, typename PT, int VEC, bool TANH>
-void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStream_t stream) {
+void launch_fwd(const FwdParams& p, const RowsConfig& cfg, cudaStream_t stream) {
   if (cfg.iters == 0) {
-    // Two 1024-thread CTAs per SM at most; more rows in flight would spill pass 2 out of L2.
-    const int64_t ctas = std::min<int64_t>(p.rows, 2 * static_cast<int64_t>(num_sms(device)));
-    lngelu::fwd_loop_kernel<T, VEC, TANH><<<ctas, 1024, 0, stream>>>(p);
+    lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
     return;
   }
   const int threads = threads_for(cfg);
@@ -281,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_fwd(
   });
   dispatch(x.scalar_type(), p.params_fp32, vectorized, tanh_approx, [&](auto t, auto pt, auto vec, auto tanh_c) {
     const RowsConfig cfg = rows_config(n / vec, false);
-    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, device, stream);
+    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, h, mean, rstd};
