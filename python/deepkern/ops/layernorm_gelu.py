@@ -253,9 +253,13 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
 
 
 def _auto_order(n: int, training: bool) -> tuple[str, ...]:
-    # Measured on H100, bf16, kernels alone (scripts/tune_layernorm_gelu.py, 2026-11-22): the
-    # Triton kernels are faster at every bench shape, forward (16384x8192: 186 us vs CUDA 222;
-    # 32768x5120: 232 vs 280; 4096x65536: 570 vs 787) and backward (390 vs 577; 596 vs 900).
+    # Measured on H100, bf16 (bench/results/h100.json, commit 2fa6b43): the Triton forward is
+    # faster at every bench shape (16384x8192: 185 us vs 222). Forward+backward through
+    # eager autograd, the CUDA pair is faster up to hidden 16384 at 3 of the 4 bench shapes
+    # (16384x8192: 799 us vs 1083; 32768x5120 is the exception, 1182 vs 847), mostly because
+    # the Triton pair costs more host time per call; Triton's at 65536 (1751 vs 2002).
+    if training and n <= 16384:
+        return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 
 
