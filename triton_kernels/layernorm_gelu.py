@@ -22,6 +22,8 @@ have the same bits run to run.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -427,7 +429,12 @@ def _sum_partials_kernel(P0, P1, Out0, Out1, n_parts, N, BLOCK_P: tl.constexpr, 
 def _num_programs_per_device(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few programs exercise the grid-stride loops
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:  # cached: every backward call asks (host time, see perf notes)
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _loop_chunk(n: int) -> int:
