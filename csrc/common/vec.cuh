@@ -107,9 +107,9 @@ __device__ __forceinline__ float group_sum(float v, int warps, float* scratch) {
   __syncthreads();  // scratch may still be read by the previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < warps; ++i) total += scratch[first + i];
-  return total;
+  // Each warp sums the group's per-warp partials with shuffles (lane i reads one), rather
+  // than every thread reading all of them: 1 shared load instead of `warps` per thread.
+  return warp_sum(lane < warps ? scratch[first + lane] : 0.f);
 }
 
 // Two sums at once (one pair of barriers instead of two). scratch: __shared__ float[2][32].
@@ -123,9 +123,9 @@ __device__ __forceinline__ float2 group_sum2(float2 v, int warps, float (*scratc
   __syncthreads();
   if (lane == 0) scratch[0][warp] = v.x, scratch[1][warp] = v.y;
   __syncthreads();
-  float2 total = make_float2(0.f, 0.f);
-  for (int i = 0; i < warps; ++i) total.x += scratch[0][first + i], total.y += scratch[1][first + i];
-  return total;
+  const bool mine = lane < warps;
+  return make_float2(warp_sum(mine ? scratch[0][first + lane] : 0.f),
+                     warp_sum(mine ? scratch[1][first + lane] : 0.f));
 }
 
 }  // namespace deepkern
