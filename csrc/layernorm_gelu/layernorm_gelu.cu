@@ -39,9 +39,9 @@ constexpr int max_tpr(int iters, bool backward) {
 
 // H100 sweep (bf16, forward): 4 vectors per thread at 256 threads per row beat 1 vector at
 // 1024 (16384x8192: 294 us vs 629 us; 32768x5120: 373 vs 571): fewer threads per row means
-// cheaper row reductions and more rows in flight per SM. So: the most vectors per thread
-// (up to 4 forward, 2 backward) that still leave >= 128 threads per row, fewer when the row
-// is short (one warp per row below 128 vectors forward).
+// cheaper row reductions and more rows in flight per SM. So, forward: the most vectors per
+// thread (up to 4) that still leave >= 128 threads per row, fewer when the row is short (one
+// warp per row below 128 vectors). Backward: the fewest vectors per thread that fit.
 RowsConfig rows_config(int nvec, bool backward) {
   int force = 0;  // tuning sweeps: DEEPKERN_LNG_{FWD,BWD}_ITERS
   if (const char* env = std::getenv(backward ? "DEEPKERN_LNG_BWD_ITERS" : "DEEPKERN_LNG_FWD_ITERS"))
@@ -55,11 +55,18 @@ RowsConfig rows_config(int nvec, bool backward) {
     if (cfg.iters != 0) return cfg;
   }
   if (nvec <= 32) return {1, 32};
-  if (!backward) {
-    if (nvec <= 64) return {2, 32};
-    if (nvec <= 128) return {4, 32};
+  if (backward) {
+    // H100 bf16, backward: 1 vector per thread (up to 1024 threads per row) beats 2
+    // (16384x8192: 504 vs 570 us; 32768x5120: 743 vs 946; 65536x1024: 256 vs 258).
+    for (int iters = 1; iters <= 4; iters *= 2) {
+      const RowsConfig cfg = make(iters);
+      if (cfg.iters != 0) return cfg;
+    }
+    return {};
   }
-  const int max_iters = backward ? 2 : 4;
+  if (nvec <= 64) return {2, 32};
+  if (nvec <= 128) return {4, 32};
+  const int max_iters = 4;
   for (int iters = max_iters; iters >= 1; iters /= 2)
     if ((nvec + iters - 1) / iters >= 128 || iters == 1) {
       const RowsConfig cfg = make(iters);
