@@ -107,12 +107,14 @@ __device__ __forceinline__ float group_sum(float v, int warps, float* scratch) {
   __syncthreads();  // scratch may still be read by the previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  // Each warp sums the group's per-warp partials with shuffles (lane i reads one), rather
-  // than every thread reading all of them: 1 shared load instead of `warps` per thread.
-  return warp_sum(lane < warps ? scratch[first + lane] : 0.f);
+  float total = 0.f;
+  for (int i = 0; i < warps; ++i) total += scratch[first + i];
+  return total;
 }
 
 // Two sums at once (one pair of barriers instead of two). scratch: __shared__ float[2][32].
+// Each warp sums the group's per-warp partials with shuffles (lane i reads one), rather than
+// every thread reading all of them: 2 shared loads per thread instead of 2 * `warps`.
 __device__ __forceinline__ float2 group_sum2(float2 v, int warps, float (*scratch)[32]) {
   v.x = warp_sum(v.x);
   v.y = warp_sum(v.y);
