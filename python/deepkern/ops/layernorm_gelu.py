@@ -253,11 +253,11 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
 
 
 def _auto_order(n: int, training: bool) -> tuple[str, ...]:
-    # Measured on H100, bf16 (bench/results/h100.json, commit 2fa6b43): the Triton forward is
-    # faster at every bench shape (16384x8192: 185 us vs 222). Forward+backward through
-    # eager autograd, the CUDA pair is faster up to hidden 16384 at 3 of the 4 bench shapes
-    # (16384x8192: 799 us vs 1083; 32768x5120 is the exception, 1182 vs 847), mostly because
-    # the Triton pair costs more host time per call; Triton's at 65536 (1751 vs 2002).
+    # Measured on H100, bf16 (bench/results/h100.json, commit 0199d6e): the Triton forward is
+    # faster at every bench shape (16384x8192: 185 us vs 217). Forward+backward through eager
+    # autograd, the CUDA pair is faster at the four bench shapes up to hidden 16384
+    # (16384x8192: 715 us vs 745; 8192x12288: 723 vs 1942; 65536x1024: 435 vs 709), partly
+    # because the Triton pair costs more host time per call; Triton's at 65536 (1750 vs 1974).
     if training and n <= 16384:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
