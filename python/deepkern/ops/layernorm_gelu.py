@@ -86,22 +86,25 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
+def _grads(ctx, bwd, dy, dh):
+    """(dx, dweight, dbias, dresidual) from the saved tensors; shared by the custom ops'
+    autograd and the eager autograd.Function."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    rmsnorm, tanh, has_residual = ctx.flags
+    dx, dw, db = bwd(as_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
+    if has_residual and dh is not None:
+        dx = dx + dh.reshape(dx.shape)
+    return (
+        dx,
+        dw if weight is not None else None,
+        db if bias is not None else None,
+        dx if has_residual else None,
+    )
+
+
 def _make_backward(bwd_op):
     def backward(ctx, dy, dh, _dmean, _drstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        rmsnorm, tanh, has_residual = ctx.flags
-        dx, dw, db = bwd_op(as_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
-        if has_residual and dh is not None:
-            dx = dx + dh.reshape(dx.shape)
-        return (
-            dx,
-            dw if weight is not None else None,
-            db if bias is not None else None,
-            dx if has_residual else None,
-            None,
-            None,
-            None,
-        )
+        return (*_grads(ctx, bwd_op, dy, dh), None, None, None)
 
     return backward
 
@@ -178,21 +181,7 @@ class _EagerLayerNormGELU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        rmsnorm, tanh, has_residual = ctx.flags
-        dx, dw, db = _EAGER[ctx.backend][1](as_rows(dy), x, weight, bias, mean, rstd, rmsnorm, tanh)
-        if has_residual:
-            dx = dx + dh.reshape(dx.shape)
-        return (
-            None,
-            dx,
-            dw if weight is not None else None,
-            db if bias is not None else None,
-            dx if has_residual else None,
-            None,
-            None,
-            None,
-        )
+        return (None, *_grads(ctx, _EAGER[ctx.backend][1], dy, dh), None, None, None)
 
 
 # ------------------------------------------------------------------------------------------
