@@ -22,7 +22,7 @@ from deepkern.triton_kernels import layernorm_gelu as tk
 SHAPES = [(16384, 8192), (32768, 5120), (8192, 12288), (65536, 1024), (4096, 65536)]
 FWD_ITERS = [0, 2, 4, 8]  # DEEPKERN_LNG_FWD_ITERS (0: the default rule)
 BWD_ITERS = [0, 1, 2, 4]
-TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"chunk": 2048, "num_warps": 8},
+TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32}, {"chunk": 2048, "num_warps": 8},
               {"max_row_block": 0, "chunk": 0, "block": 4096, "num_warps": 8},
               {"max_row_block": 0, "chunk": 0, "block": 4096, "num_warps": 16}]
 TRITON_BWD = [{}, {"prefetch": False}, {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]

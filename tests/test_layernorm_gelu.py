@@ -95,12 +95,27 @@ def test_forward_register_chunks(device, n):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("n", [40000, 65536])
+@pytest.mark.parametrize("n", [20000, 40000, 65536])
 def test_forward_long_rows(device, n):
-    """Rows past the single-block limit take the looped kernels."""
+    """Rows past the fp32-register limit: 16-bit rows held in 16 bits (Triton: LOW chunks),
+    fp32 rows looped over twice."""
     for backend in _backends(device):
         _check_forward((3, n), torch.bfloat16, device, backend)
+        _check_forward((2, n), torch.float16, device, backend, residual=True)
+        _check_forward((2, n), torch.bfloat16, device, backend, norm="rmsnorm", residual=True)
         _check_forward((2, n), torch.float32, device, backend, norm="rmsnorm", residual=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cluster", ["1", "2"])
+def test_forward_long_rows_cuda_paths(monkeypatch, cluster):
+    """The CUDA split forward without thread clusters (one CTA per row) and with small ones
+    (rows too long for two CTAs fall back to one CTA or the looped kernel)."""
+    monkeypatch.setenv("DEEPKERN_LNG_FWD_CLUSTER", cluster)
+    for n in (20000, 40000, 65536):
+        _check_forward((3, n), torch.bfloat16, "cuda", "cuda")
+        _check_forward((2, n), torch.float16, "cuda", "cuda", residual=True, norm="rmsnorm")
+        _check_forward((2, n), torch.float32, "cuda", "cuda", residual=True)
 
 
 @pytest.mark.cuda

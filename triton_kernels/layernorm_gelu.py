@@ -155,43 +155,84 @@ def _fwd_row_kernel(
 
 
 @triton.jit
+def _widen(x, BF16: tl.constexpr, FAST: tl.constexpr):
+    """16-bit x as fp32. FAST (compiled for the GPU): through a non-pure inline asm, so the
+    compiler cannot merge the conversions of different phases into one fp32 copy of the row
+    (65536 fp32 per row do not fit in registers); the interpreter converts plainly."""
+    if FAST:
+        if BF16:
+            return tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [x],
+                                             dtype=tl.float32, is_pure=False, pack=1)
+        else:
+            return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x],
+                                             dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _chunk_in(X, R, H, row, N, stride_x, stride_r, k: tl.constexpr,
-              HAS_RES: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
-    """Chunk k of the row as fp32 (h = x + residual stored when HAS_RES); zeros for k >= NCHUNK
-    (never loaded: the compiler drops them)."""
+              HAS_RES: tl.constexpr, LOW: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    """Chunk k of the row (h = x + residual stored when HAS_RES), as fp32, or in x's 16-bit
+    type when LOW; zeros for k >= NCHUNK (never loaded: the compiler drops them)."""
     if k < NCHUNK:
         cols = k * CHUNK + tl.arange(0, CHUNK)
         mask = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RES:
-            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (x + r).to(H.dtype.element_ty)
-            tl.store(H + row * N + cols, h, mask=mask)
-            x = h.to(tl.float32)
-        return x
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + row * N + cols, x, mask=mask)
+        if LOW:
+            return x
+        else:
+            return x.to(tl.float32)
     else:
-        return tl.zeros([CHUNK], dtype=tl.float32)
+        if LOW:
+            return tl.zeros([CHUNK], dtype=X.dtype.element_ty)
+        else:
+            return tl.zeros([CHUNK], dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_f32(x, LOW: tl.constexpr, BF16: tl.constexpr, FAST: tl.constexpr):
+    if LOW:
+        return _widen(x, BF16, FAST)
+    else:
+        return x
 
 
 @triton.jit
 def _chunk_out(x, W, B, Y, row, N, mean, rstd, k: tl.constexpr,
                HAS_W: tl.constexpr, HAS_B: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr,
-               FAST: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+               FAST: tl.constexpr, LOW: tl.constexpr, BF16: tl.constexpr,
+               CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
     if k < NCHUNK:
         cols = k * CHUNK + tl.arange(0, CHUNK)
         mask = cols < N
-        y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
+        xhat = (_chunk_f32(x, LOW, BF16, FAST) - mean) * rstd
+        y = _affine_gelu(xhat, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
         tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _chunk_sq(x, mean, N, k: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+def _chunk_sum(acc, x, k: tl.constexpr, LOW: tl.constexpr, BF16: tl.constexpr, FAST: tl.constexpr,
+               NCHUNK: tl.constexpr):
+    if k < NCHUNK:
+        return acc + _chunk_f32(x, LOW, BF16, FAST)
+    else:
+        return acc
+
+
+@triton.jit
+def _chunk_sq(acc, x, mean, N, k: tl.constexpr, LOW: tl.constexpr, BF16: tl.constexpr,
+              FAST: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
     if k < NCHUNK:
         cols = k * CHUNK + tl.arange(0, CHUNK)
-        d = tl.where(cols < N, x - mean, 0.0)
-        return d * d
+        d = tl.where(cols < N, _chunk_f32(x, LOW, BF16, FAST) - mean, 0.0)
+        return acc + d * d
     else:
-        return tl.zeros([CHUNK], dtype=tl.float32)
+        return acc
 
 
 @triton.jit
@@ -200,39 +241,53 @@ def _fwd_chunks_kernel(
     N, stride_x, stride_r, eps, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
-    CHUNK: tl.constexpr, NCHUNK: tl.constexpr,
+    LOW: tl.constexpr, BF16: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr,
 ):
     """The row in registers as NCHUNK (<= 8) power-of-two chunks: widths like 5120 = 5 x 1024
     or 12288 = 3 x 4096 without a padded power-of-two block (wasted lanes cost instructions)
-    or a second pass over the row (the looped kernel)."""
+    or a second pass over the row (the looped kernel). LOW (16-bit x, rows up to 65536): the
+    chunks stay in x's type and are widened again in each phase (65536 fp32 per row do not
+    fit in registers); the sums run chunk by chunk so only one chunk is fp32 at a time."""
     row = tl.program_id(0).to(tl.int64)
-    x0 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 0, HAS_RES, CHUNK, NCHUNK)
-    x1 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 1, HAS_RES, CHUNK, NCHUNK)
-    x2 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 2, HAS_RES, CHUNK, NCHUNK)
-    x3 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 3, HAS_RES, CHUNK, NCHUNK)
-    x4 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 4, HAS_RES, CHUNK, NCHUNK)
-    x5 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 5, HAS_RES, CHUNK, NCHUNK)
-    x6 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 6, HAS_RES, CHUNK, NCHUNK)
-    x7 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 7, HAS_RES, CHUNK, NCHUNK)
+    x0 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 0, HAS_RES, LOW, CHUNK, NCHUNK)
+    x1 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 1, HAS_RES, LOW, CHUNK, NCHUNK)
+    x2 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 2, HAS_RES, LOW, CHUNK, NCHUNK)
+    x3 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 3, HAS_RES, LOW, CHUNK, NCHUNK)
+    x4 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 4, HAS_RES, LOW, CHUNK, NCHUNK)
+    x5 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 5, HAS_RES, LOW, CHUNK, NCHUNK)
+    x6 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 6, HAS_RES, LOW, CHUNK, NCHUNK)
+    x7 = _chunk_in(X, R, H, row, N, stride_x, stride_r, 7, HAS_RES, LOW, CHUNK, NCHUNK)
     if RMS:
         mean = 0.0
     else:
-        mean = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=0) * inv_n
-    sq = ((_chunk_sq(x0, mean, N, 0, CHUNK, NCHUNK) + _chunk_sq(x1, mean, N, 1, CHUNK, NCHUNK))
-          + (_chunk_sq(x2, mean, N, 2, CHUNK, NCHUNK) + _chunk_sq(x3, mean, N, 3, CHUNK, NCHUNK))) \
-        + ((_chunk_sq(x4, mean, N, 4, CHUNK, NCHUNK) + _chunk_sq(x5, mean, N, 5, CHUNK, NCHUNK))
-           + (_chunk_sq(x6, mean, N, 6, CHUNK, NCHUNK) + _chunk_sq(x7, mean, N, 7, CHUNK, NCHUNK)))
+        acc = _chunk_f32(x0, LOW, BF16, FAST)
+        acc = _chunk_sum(acc, x1, 1, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x2, 2, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x3, 3, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x4, 4, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x5, 5, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x6, 6, LOW, BF16, FAST, NCHUNK)
+        acc = _chunk_sum(acc, x7, 7, LOW, BF16, FAST, NCHUNK)
+        mean = tl.sum(acc, axis=0) * inv_n
+    sq = _chunk_sq(tl.zeros([CHUNK], dtype=tl.float32), x0, mean, N, 0, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x1, mean, N, 1, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x2, mean, N, 2, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x3, mean, N, 3, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x4, mean, N, 4, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x5, mean, N, 5, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x6, mean, N, 6, LOW, BF16, FAST, CHUNK, NCHUNK)
+    sq = _chunk_sq(sq, x7, mean, N, 7, LOW, BF16, FAST, CHUNK, NCHUNK)
     rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) * inv_n + eps)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
-    _chunk_out(x0, W, B, Y, row, N, mean, rstd, 0, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x1, W, B, Y, row, N, mean, rstd, 1, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x2, W, B, Y, row, N, mean, rstd, 2, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x3, W, B, Y, row, N, mean, rstd, 3, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x4, W, B, Y, row, N, mean, rstd, 4, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x5, W, B, Y, row, N, mean, rstd, 5, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x6, W, B, Y, row, N, mean, rstd, 6, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
-    _chunk_out(x7, W, B, Y, row, N, mean, rstd, 7, HAS_W, HAS_B, TANH, WIDE, FAST, CHUNK, NCHUNK)
+    _chunk_out(x0, W, B, Y, row, N, mean, rstd, 0, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x1, W, B, Y, row, N, mean, rstd, 1, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x2, W, B, Y, row, N, mean, rstd, 2, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x3, W, B, Y, row, N, mean, rstd, 3, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x4, W, B, Y, row, N, mean, rstd, 4, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x5, W, B, Y, row, N, mean, rstd, 5, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x6, W, B, Y, row, N, mean, rstd, 6, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
+    _chunk_out(x7, W, B, Y, row, N, mean, rstd, 7, HAS_W, HAS_B, TANH, WIDE, FAST, LOW, BF16, CHUNK, NCHUNK)
 
 
 @triton.jit
@@ -445,13 +500,17 @@ def _loop_chunk(n: int) -> int:
     return chunk
 
 
-def _register_chunk(n: int) -> int:
-    """Chunk of _fwd_chunks_kernel for a row width that a power-of-two block would pad:
-    the largest power of two <= 4096 splitting n into <= 8 chunks with the last one at least
-    7/8 full; 0 when none does or the row is too long for registers (> 16384)."""
-    if n > 16384:
+def _register_chunk(n: int, low: bool) -> int:
+    """Chunk of _fwd_chunks_kernel for a row width that a power-of-two block would pad, or
+    that is too long for fp32 registers (> 16384; 16-bit x only, held in 16 bits: `low`):
+    the largest power of two <= 4096 (8192 for long rows) splitting n into <= 8 chunks with
+    the last one at least 7/8 full; 0 when none does or the row is too long.
+    H100 bf16, 16-bit chunks against the two-pass loop: 4096x40000 280 us vs 352, but
+    4096x65536 649 vs 559 (one row fills half the register file, so an SM cannot overlap one
+    row's loads with another's math), hence up to 5 chunks of 8192 only."""
+    if n > (40960 if low else 16384):
         return 0
-    chunk = 4096
+    chunk = 8192 if n > 16384 else 4096
     while chunk >= 256:
         nchunk = triton.cdiv(n, chunk)
         if nchunk <= 8 and n - (nchunk - 1) * chunk >= chunk * 7 // 8:
@@ -492,7 +551,8 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
     # ~1/8 empty loop over exact chunks instead (H100 bf16: 32768x5120 row block 471 us, chunks
     # of 1024 367 us; 8192x12288: 354 us vs chunks of 4096 213 us).
     padded = block_n > n * 9 // 8 and n > 2048
-    chunk = config.get("chunk", _register_chunk(n))
+    low_ok = x.dtype != torch.float32
+    chunk = config.get("chunk", _register_chunk(n, low_ok))
     if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_FWD) and not padded:
         _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n,
                                  num_warps=config.get("num_warps", _row_warps(block_n)))
@@ -500,10 +560,15 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
         nchunk = triton.cdiv(n, chunk)
         if nchunk > 8:
             raise ValueError(f"layernorm_gelu_fwd: chunk {chunk} splits {n} into {nchunk} > 8 chunks")
+        low = n > 16384
+        if low and not low_ok:
+            raise ValueError(f"layernorm_gelu_fwd: rows of {n} fp32 elements do not fit in registers")
         # H100 bf16: 8192x12288 (3 x 4096) 8 warps 142 us, 16 warps 154; 32768x5120 (5 x 1024)
         # 4 or 8 warps 230-233 us.
-        _fwd_chunks_kernel[(rows,)](*args, **flags, CHUNK=chunk, NCHUNK=nchunk,
-                                    num_warps=config.get("num_warps", 8 if chunk >= 2048 else 4))
+        warps = 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
+        _fwd_chunks_kernel[(rows,)](*args, **flags, LOW=low, BF16=x.dtype == torch.bfloat16,
+                                    CHUNK=chunk, NCHUNK=nchunk,
+                                    num_warps=config.get("num_warps", warps))
     else:
         block = config.get("block", _loop_chunk(n))
         _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=block,

@@ -23,4 +23,17 @@ inline int num_sms(int device) {
   return sms;
 }
 
+// Compute capability major version of `device` (cached; devices 0..63).
+inline int cc_major(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device >= 0 && device < 64) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (device >= 0 && device < 64) cache[device].store(major, std::memory_order_relaxed);
+  return major;
+}
+
 }  // namespace deepkern

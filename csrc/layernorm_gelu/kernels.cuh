@@ -4,21 +4,26 @@
 //
 // Memory-bound, but with ~20 instructions of GELU per element the ALUs matter too, so the
 // kernels aim for many resident warps and few instructions per element:
-//   fwd_rows_kernel: one row per `tpr` threads (one warp per row for short rows, up to 1024
-//     threads), the row in registers (1..4 16-byte vectors per thread), not persistent.
-//     Measured on H100 (16384x8192 bf16): a persistent variant with next-row prefetch, 16
-//     warps/SM and ~100 registers ran at 35% of copy bandwidth; occupancy wins here.
+//   fwd_rows_kernel: rows of < 1024 vectors: one row per `tpr` threads (one warp per row for
+//     short rows), the row in registers as fp32 (1..4 16-byte vectors per thread), not
+//     persistent. Measured on H100 (16384x8192 bf16): a persistent variant with next-row
+//     prefetch, 16 warps/SM and ~100 registers ran at 35% of copy bandwidth.
+//   fwd_split_kernel: longer rows, held as raw 16-byte vectors (8 per thread) and split over
+//     a thread cluster of up to 8 CTAs on sm_90 (row sums through distributed shared memory).
 //   bwd_rows_kernel: persistent row walkers (weight-gradient sums stay in registers across
 //     rows), next row's loads issued before the current row is reduced.
-//   fwd_loop / bwd_stats + bwd_tiles: rows too long for registers, two passes over the row.
+//   fwd_loop / bwd_stats + bwd_tiles: rows too long for registers (or unaligned), two passes
+//     over the row.
 // dweight/dbias: every row walker writes fp32 column partials; sum_partials_kernel adds them in
 // a fixed order, so the result has the same bits run to run.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/vec.cuh"
@@ -266,6 +271,167 @@ __global__ void __launch_bounds__(ITERS >= 8 ? 256 : 1024) fwd_rows_kernel(FwdPa
     const int vi = i * tpr + t;
     if (vi < nvec) store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, v[i]);
   }
+}
+
+// Makes the compiler treat 16 bytes as a new value (no instruction): conversions after it
+// cannot be merged with conversions before it, so fp32 copies of a held row are not kept
+// alive across phases.
+__device__ __forceinline__ void opaque(uint4& u) {
+  asm volatile("" : "+r"(u.x), "+r"(u.y), "+r"(u.z), "+r"(u.w));
+}
+
+// 16 bytes through the read-only path as a volatile asm: it keeps its place among the other
+// volatile asm (opaque), so the compiler cannot hoist the weight loads of every vector of a
+// row ahead of the first (registers).
+__device__ __forceinline__ uint4 ldg_ordered(const void* ptr) {
+  uint4 u;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+               : "l"(ptr));
+  return u;
+}
+
+template <typename PT, int VEC>
+__device__ __forceinline__ void load_param_ordered(const void* base, int col, float (&out)[VEC]) {
+  constexpr int kWords = VEC * sizeof(PT) / 16;
+  static_assert(VEC * sizeof(PT) % 16 == 0, "whole 16-byte vectors");
+  uint4 raw[kWords];
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) raw[k] = ldg_ordered(static_cast<const PT*>(base) + col + k * (16 / sizeof(PT)));
+  const Pack<PT, VEC> pk = *reinterpret_cast<const Pack<PT, VEC>*>(raw);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = to_float(pk.v[j]);
+}
+
+// Element j of a 16-byte pack of T (8 16-bit values or 4 floats), as fp32.
+template <typename T>
+__device__ __forceinline__ float widen(const uint4& u, int j) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(j == 0 ? u.x : j == 1 ? u.y : j == 2 ? u.z : u.w);
+  } else {
+    const uint32_t w = j < 2 ? u.x : j < 4 ? u.y : j < 6 ? u.z : u.w;
+    const uint16_t h = static_cast<uint16_t>(j % 2 ? w >> 16 : w & 0xffffu);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __uint_as_float(static_cast<uint32_t>(h) << 16);
+    } else {
+      return __half2float(__ushort_as_half(h));
+    }
+  }
+}
+
+// Row total of a per-CTA value over the `ctas` CTAs (one thread cluster) that share a row:
+// each CTA publishes its value in `slot`, then every thread adds all of them in rank order
+// (the same bits in every CTA). Distributed shared memory, sm_90+.
+__device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
+  if (ctas == 1) return v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) *slot = v;
+  cluster.sync();
+  float total = 0.f;
+  for (int r = 0; r < ctas; ++r) total += *cluster.map_shared_rank(slot, r);
+  return total;
+#else
+  __trap();  // the host launches clusters only on sm_90+
+  return v;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, rows too long for fwd_rows_kernel: the row split over `ctas` CTAs (a thread
+// cluster on sm_90; ctas = 1 elsewhere), each holding its part in registers as raw 16-byte
+// vectors (4 registers per 8 16-bit values) that are widened again in each phase, so x is
+// read from memory once (fwd_loop_kernel reads it twice). Row statistics: a CTA sum, then a
+// cluster sum through distributed shared memory.
+// H100, 4096x65536 bf16: fwd_loop_kernel 779 us; one CTA of 512 threads per row (ITERS = 16)
+// 613 us (one row fills half the register file, so an SM alternates between loading a row and
+// computing it); a cluster of four CTAs of 256 threads 511 us (quarter rows of different rows
+// overlap on each SM). As the single CTA of shorter rows (ITERS = 8, <= 256 threads) it beats
+// fwd_rows_kernel from 1024 vectors on (see launch_fwd).
+template <typename T, typename PT, int ITERS, bool TANH>
+__global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
+    fwd_split_kernel(FwdParams p, int ctas) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ float scratch[2][32];
+  __shared__ float part[2];  // this CTA's sum and centered sum of squares (read by the cluster)
+  const int t = threadIdx.x, tpr = blockDim.x;
+  const int64_t row = blockIdx.x / ctas;
+  const int base = (blockIdx.x % ctas) * ITERS * tpr;  // first vector of this CTA's part
+  const int n = p.n, nvec = n / VEC, warps = tpr / 32;
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + row * p.x_stride);
+
+  uint4 px[ITERS];
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int vi = base + i * tpr + t;
+    px[i] = vi < nvec ? __ldcs(x + vi) : make_uint4(0, 0, 0, 0);
+  }
+  if (p.res) {
+    const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(p.res) + row * p.res_stride);
+    uint4 pr[ITERS];
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int vi = base + i * tpr + t;
+      pr[i] = vi < nvec ? __ldcs(r + vi) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int vi = base + i * tpr + t;
+      Pack<T, VEC> h;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) h.v[j] = from_float<T>(widen<T>(px[i], j) + widen<T>(pr[i], j));
+      px[i] = *reinterpret_cast<const uint4*>(&h);
+      if (vi < nvec) reinterpret_cast<uint4*>(static_cast<T*>(p.h) + row * n)[vi] = px[i];
+    }
+  }
+  float mean = 0.f;
+  if (!p.rms) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += widen<T>(px[i], j);
+    mean = cluster_total(group_sum(sum, warps, scratch[0]), &part[0], ctas) / n;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) opaque(px[i]);
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    if (base + i * tpr + t >= nvec) continue;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = widen<T>(px[i], j) - mean;
+      ss = fmaf(d, d, ss);
+    }
+  }
+  const float rstd = rsqrtf(cluster_total(group_sum(ss, warps, scratch[1]), &part[1], ctas) / n + p.eps);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // No CTA may exit while another still reads its `part`: arrive now, wait before exiting.
+  if (ctas > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+  if (t == 0 && base == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int vi = base + i * tpr + t;
+    if (vi >= nvec) continue;
+    opaque(px[i]);
+    float w[VEC], b[VEC], y[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) w[j] = 1.f, b[j] = 0.f;
+    if (p.w) load_param_ordered<PT, VEC>(p.w, vi * VEC, w);
+    if (p.b) load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y[j] = gelu<TANH, T>(fmaf((widen<T>(px[i], j) - mean) * rstd, w[j], b[j]));
+    store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, y);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ctas > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

@@ -94,9 +94,64 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
 // would hand its last warp a second, partial row (wrong sums, a write race on the next row).
 int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.tpr); }
 
+// Rows too long for fwd_rows_kernel: fwd_split_kernel with the row split over a thread cluster
+// of up to 8 CTAs (sm_90+; 8 vectors per thread at up to 256 threads per CTA, so rows up to
+// 8 x 8 x 256 vectors: 131072 16-bit or 65536 fp32 values), else one CTA of up to 512 threads
+// with 16 vectors each (16-bit rows up to 65536); longer rows: fwd_loop_kernel.
+constexpr int kSplitIters = 8, kSplitThreads = 256, kMaxCluster = 8;
+constexpr int kWideIters = 16, kWideThreads = 512;
+
+template <typename T, typename PT, bool TANH>
+bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int nvec = p.n / VEC;
+  auto threads_for_part = [](int vecs, int iters) { return ((vecs + iters - 1) / iters + 31) / 32 * 32; };
+  const int ctas = (nvec + kSplitIters * kSplitThreads - 1) / (kSplitIters * kSplitThreads);
+  int max_cluster = kMaxCluster;  // tuning and tests: DEEPKERN_LNG_FWD_CLUSTER (1: no clusters)
+  if (const char* env = std::getenv("DEEPKERN_LNG_FWD_CLUSTER")) max_cluster = std::atoi(env);
+  if (ctas == 1) {
+    lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>
+        <<<p.rows, threads_for_part(nvec, kSplitIters), 0, stream>>>(p, 1);
+    return true;
+  }
+  if (cc_major(device) >= 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
+    const int threads = threads_for_part((nvec + ctas - 1) / ctas, kSplitIters);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
+    cfg.blockDim = dim3(threads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr = {};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = ctas;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>, p, ctas));
+    return true;
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (nvec <= kWideIters * kWideThreads) {
+      lngelu::fwd_split_kernel<T, PT, kWideIters, TANH>
+          <<<p.rows, threads_for_part(nvec, kWideIters), 0, stream>>>(p, 1);
+      return true;
+    }
+  }
+  return false;
+}
+
 template <typename T, typename PT, int VEC, bool TANH>
-void launch_fwd(const FwdParams& p, const RowsConfig& cfg, cudaStream_t stream) {
-  if (cfg.iters == 0) {
+void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStream_t stream) {
+  // Rows of >= 1024 vectors: fwd_split_kernel (H100 bf16, against fwd_rows_kernel: 16384x8192
+  // 213 vs 221 us, 8192x12288 166 vs 189, 8192x20000 309 vs 427; 32768x5120 280 vs 281;
+  // 65536x1024 117 vs 104). DEEPKERN_LNG_FWD_SPLIT (tuning): 1 always, 0 only past the rows
+  // kernel's limit.
+  int split_from = 1024;
+  if (const char* env = std::getenv("DEEPKERN_LNG_FWD_SPLIT")) split_from = std::atoi(env) ? 0 : INT32_MAX;
+  if (cfg.iters == 0 || p.n / VEC >= split_from) {
+    if constexpr (VEC == 16 / sizeof(T)) {
+      if (p.rows * 8 <= INT32_MAX && launch_fwd_split<T, PT, TANH>(p, device, stream)) return;
+    }
     lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
     return;
   }
@@ -286,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_gelu_fwd(
   });
   dispatch(x.scalar_type(), p.params_fp32, vectorized, tanh_approx, [&](auto t, auto pt, auto vec, auto tanh_c) {
     const RowsConfig cfg = rows_config(n / vec, false);
-    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, stream);
+    launch_fwd<decltype(t), decltype(pt), vec, tanh_c>(p, cfg, device, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, h, mean, rstd};

@@ -247,7 +247,11 @@ def _auto_order(n: int, training: bool) -> tuple[str, ...]:
     # autograd, the CUDA pair is faster at the four bench shapes up to hidden 16384
     # (16384x8192: 715 us vs 745; 8192x12288: 723 vs 1942; 65536x1024: 435 vs 709), partly
     # because the Triton pair costs more host time per call; Triton's at 65536 (1750 vs 1974).
+    # Forward alone: Triton, except rows past 40960 (4096x65536: CUDA's cluster-split kernel
+    # 511 us, Triton's two-pass loop 569; 4096x40000: Triton 289, CUDA 354).
     if training and n <= 16384:
+        return ("cuda", "triton", "torch")
+    if not training and n > 40960:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 
