@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 MAGIC_BITS = 0x4B000000  # float bits of 2^23, passed as a kernel argument (see _unpack)
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 
@@ -451,24 +453,23 @@ def _fwd(x, packed, scales, zeros, group: int, bias, config: Config | None):
     flags = dict(
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         SCALE_PER_TILE=_scale_per_tile(group, k, config.block_k),
-        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kernel == "gemv":
         grid = (m, triton.cdiv(n, config.block_n), splits)
-        _gemv_kernel[grid](*common, **flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8,
-                           PREFETCH=config.prefetch)
+        launch(_gemv_kernel, grid, common,
+               dict(flags, BLOCK_N=config.block_n, BLOCK_KW=config.block_k // 8, PREFETCH=config.prefetch),
+               num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
-        _dot_kernel[grid](
-            *common, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        )
+        launch(_dot_kernel, grid, common,
+               dict(flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                    GROUP_M=config.group_m),
+               num_warps=config.num_warps, num_stages=config.num_stages)
     if splits > 1:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if bias is not None else out, out, splits, m * n, n,
-            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-        )
+        launch(_splitk_reduce_kernel, (triton.cdiv(m * n, block),),
+               (part, bias if bias is not None else out, out, splits, m * n, n),
+               dict(HAS_BIAS=bias is not None, BLOCK=block), num_warps=4)
     return out
 
 

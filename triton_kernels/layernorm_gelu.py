@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 MAX_ROW_BLOCK_FWD = 32768
 # Above 8192 the one-block backward spills (x, dy, w, b, dw, db per element; H100 8192x12288
 # bf16: 1851 us) and the two-kernel path wins.
@@ -554,8 +556,8 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
     low_ok = x.dtype != torch.float32
     chunk = config.get("chunk", _register_chunk(n, low_ok))
     if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_FWD) and not padded:
-        _fwd_row_kernel[(rows,)](*args, **flags, BLOCK_N=block_n,
-                                 num_warps=config.get("num_warps", _row_warps(block_n)))
+        launch(_fwd_row_kernel, (rows,), args, dict(flags, BLOCK_N=block_n),
+               num_warps=config.get("num_warps", _row_warps(block_n)))
     elif chunk:
         nchunk = triton.cdiv(n, chunk)
         if nchunk > 8:
@@ -566,13 +568,13 @@ def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tan
         # H100 bf16: 8192x12288 (3 x 4096) 8 warps 142 us, 16 warps 154; 32768x5120 (5 x 1024)
         # 4 or 8 warps 230-233 us.
         warps = 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
-        _fwd_chunks_kernel[(rows,)](*args, **flags, LOW=low, BF16=x.dtype == torch.bfloat16,
-                                    CHUNK=chunk, NCHUNK=nchunk,
-                                    num_warps=config.get("num_warps", warps))
+        launch(_fwd_chunks_kernel, (rows,), args,
+               dict(flags, LOW=low, BF16=x.dtype == torch.bfloat16, CHUNK=chunk, NCHUNK=nchunk),
+               num_warps=config.get("num_warps", warps))
     else:
         block = config.get("block", _loop_chunk(n))
-        _fwd_loop_kernel[(rows,)](*args, **flags, BLOCK_N=block,
-                                  num_warps=config.get("num_warps", 4 if block <= 1024 else 8))
+        launch(_fwd_loop_kernel, (rows,), args, dict(flags, BLOCK_N=block),
+               num_warps=config.get("num_warps", 4 if block <= 1024 else 8))
     return y, h, mean, rstd
 
 
@@ -584,10 +586,9 @@ def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: to
     parts, out = (dwp, dbp), (dw, db)
     first, last = which[0], which[-1]  # grid axis 1 picks 0 = first, 1 = last
     block_n = 128
-    _sum_partials_kernel[(triton.cdiv(n, block_n), len(which))](
-        parts[first], parts[last], out[first], out[last], n_parts, n,
-        BLOCK_P=32, BLOCK_N=block_n, num_warps=4,
-    )
+    launch(_sum_partials_kernel, (triton.cdiv(n, block_n), len(which)),
+           (parts[first], parts[last], out[first], out[last], n_parts, n),
+           dict(BLOCK_P=32, BLOCK_N=block_n), num_warps=4)
 
 
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
@@ -615,32 +616,28 @@ def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: boo
         # one big program per SM for long rows, several small ones for short rows.
         per_sm = config.get("per_sm", max(1, min(8, 4096 // block_n)))
         programs = min(rows, per_sm * _num_programs_per_device(x.device))
-        dwp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-        dbp = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-        _bwd_rows_kernel[(programs,)](
-            dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n,
-            **flags, BLOCK_N=block_n, PREFETCH=config.get("prefetch", True),
-            num_warps=config.get("num_warps", max(4, min(16, block_n // 512))),
-        )
+        dwp, dbp = torch.empty((2, programs, n), dtype=torch.float32, device=x.device).unbind(0)
+        launch(_bwd_rows_kernel, (programs,),
+               (dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n),
+               dict(flags, BLOCK_N=block_n, PREFETCH=config.get("prefetch", True)),
+               num_warps=config.get("num_warps", max(4, min(16, block_n // 512))))
     else:
-        stats = torch.empty((2, rows), dtype=torch.float32, device=x.device)
-        _bwd_row_stats_kernel[(rows,)](
-            dy, x, w, b, mean, rstd, stats[0], stats[1], n, dy.stride(0), x.stride(0), 1.0 / n,
-            HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, WIDE=flags["WIDE"], FAST=flags["FAST"],
-            BLOCK_N=config.get("block", LOOP_BLOCK), num_warps=config.get("num_warps", 8),
-        )
+        c1, c2 = torch.empty((2, rows), dtype=torch.float32, device=x.device).unbind(0)
+        launch(_bwd_row_stats_kernel, (rows,),
+               (dy, x, w, b, mean, rstd, c1, c2, n, dy.stride(0), x.stride(0), 1.0 / n),
+               dict(HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, WIDE=flags["WIDE"],
+                    FAST=flags["FAST"], BLOCK_N=config.get("block", LOOP_BLOCK)),
+               num_warps=config.get("num_warps", 8))
         tile_cols = config.get("tile_cols", TILE_COLS)
         col_tiles = triton.cdiv(n, tile_cols)
         groups = max(1, min(rows, 4 * _num_programs_per_device(x.device) // col_tiles))
         rows_per_group = triton.cdiv(rows, groups)
         groups = triton.cdiv(rows, rows_per_group)
-        dwp = torch.empty((groups, n), dtype=torch.float32, device=x.device)
-        dbp = torch.empty((groups, n), dtype=torch.float32, device=x.device)
-        _bwd_tiles_kernel[(col_tiles, groups)](
-            dy, x, w, b, mean, rstd, stats[0], stats[1], dx, dwp, dbp,
-            rows, n, dy.stride(0), x.stride(0), rows_per_group,
-            **flags, BLOCK_N=tile_cols, num_warps=config.get("tile_warps", 4),
-        )
+        dwp, dbp = torch.empty((2, groups, n), dtype=torch.float32, device=x.device).unbind(0)
+        launch(_bwd_tiles_kernel, (col_tiles, groups),
+               (dy, x, w, b, mean, rstd, c1, c2, dx, dwp, dbp,
+                rows, n, dy.stride(0), x.stride(0), rows_per_group),
+               dict(flags, BLOCK_N=tile_cols), num_warps=config.get("tile_warps", 4))
     dw = torch.empty_like(weight) if weight is not None else empty()
     db = torch.empty_like(bias) if bias is not None else empty()
     if weight is not None or bias is not None:
