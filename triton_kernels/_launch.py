@@ -16,7 +16,7 @@ compiled kernel's launcher directly, with the arguments Triton's own `run` would
 Used only where that is known to be what Triton does: the installed `JITFunction.run` must
 launch through `kernel.run(grid_0, grid_1, grid_2, stream, kernel.function,
 kernel.packed_metadata, launch_metadata, ...)` (checked once, on its source), no launch hooks
-may be set (profilers), and not under TRITON_INTERPRET=1. DEEPKERN_TRITON_FAST_LAUNCH=0 turns it
+may be active (profilers; checked per call), and not under TRITON_INTERPRET=1. DEEPKERN_TRITON_FAST_LAUNCH=0 turns it
 off. Otherwise `launch` is exactly `kernel[grid](*args, **constexprs, **options)`.
 """
 
@@ -56,10 +56,17 @@ def enabled() -> bool:
     return _enabled
 
 
+def _hook_active(hook) -> bool:
+    # Triton >= 3.5: an always-present HookChain, active when it holds calls; before: a
+    # callable or None.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_set() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    runtime = getattr(knobs, "runtime", None)
-    return runtime is None or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return True  # unknown layout: take Triton's own path
+    return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
 
 
 def _arg_key(a):
