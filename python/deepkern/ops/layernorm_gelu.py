@@ -242,16 +242,17 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
 
 
 def _auto_order(n: int, training: bool) -> tuple[str, ...]:
-    # Measured on H100, bf16 (bench/results/h100.json, commit 0199d6e): the Triton forward is
-    # faster at every bench shape (16384x8192: 185 us vs 217). Forward+backward through eager
-    # autograd, the CUDA pair is faster at the four bench shapes up to hidden 16384
-    # (16384x8192: 715 us vs 745; 8192x12288: 723 vs 1942; 65536x1024: 435 vs 709), partly
-    # because the Triton pair costs more host time per call; Triton's at 65536 (1750 vs 1974).
+    # Measured on H100, bf16 (bench/results/h100.json, commit d982790).
+    # Forward+backward through eager autograd: Triton at hidden 5120 and 8192 (16384x8192: 575
+    # us vs CUDA 716; 32768x5120: 846 vs 1011), the CUDA pair elsewhere (8192x12288: 697 vs
+    # 851; 65536x1024: 424 vs 752, where the Triton pair's host time dominates; 4096x65536:
+    # 1688 vs 1750). The Triton pair's host time (~590 us per call on that machine's CPU) is
+    # close to its GPU time at 16384x8192, so on a slower host CUDA may win there.
     # Forward alone: Triton, except rows past 40960 (4096x65536: CUDA's cluster-split kernel
-    # 511 us, Triton's two-pass loop 569; 4096x40000: Triton 289, CUDA 354).
-    if training and n <= 16384:
-        return ("cuda", "triton", "torch")
-    if not training and n > 40960:
+    # 512 us, Triton's two-pass loop 570; 4096x40000: Triton 289, CUDA 354).
+    if training:
+        return ("triton", "cuda", "torch") if 2048 < n <= 8192 else ("cuda", "triton", "torch")
+    if n > 40960:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 
