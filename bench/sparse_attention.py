@@ -12,7 +12,9 @@ Modes:
   Every provider returns [B, S, Hq, D] tensors (fwd+bwd: dq, dk, dv), so rel_err_vs_baseline
   is the distance of the sparse result from dense attention (same for all sparse providers).
   FLOPs: the attended (query, key) pairs, causal mask inside the diagonal block counted
-  exactly: 4 * B * Hq * D * sum over queries of kept keys; fwd+bwd counts 2.5x that.
+  exactly: 4 * B * Hq * D * sum over queries of kept keys; fwd+bwd counts 3.5x that (the
+  backward's five matmuls against the forward's two, FlashAttention's convention; before
+  2026-11-22 (c) this bench counted 2.5x, so older fwd+bwd TFLOP/s read 2.5/3.5 of these).
 - "select" (baseline: the torch reference selection): deepkern-triton select_blocks. Bytes:
   one read of q and k (the pooling floor). Its time over deepkern-triton's "fwd" time is the
   selection's share of the forward.
@@ -211,7 +213,7 @@ def cases(quick: bool) -> list[Case]:
                     "deepkern-triton-given-idx": _ours(S, backward, given_indices=True),
                     "flex-attention": _flex(S, backward),
                 },
-                flops=int(flops * (2.5 if backward else 1)),
+                flops=int(flops * (3.5 if backward else 1)),
                 note=f"block {BLOCK}, topk {TOPK}, sink {SINK}, local {LOCAL}; "
                      f"{attended_pairs(S) / S:.0f} keys per query",
             ))
