@@ -331,21 +331,6 @@ def test_head_chunk_loops(device, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_dkdv_split_lists(device, chunk, monkeypatch):
-    """Key-block lists cut into chunks of `chunk` entries (partials summed by the reduce
-    kernel): the sink block's list is the whole sequence's query blocks."""
-    from deepkern.triton_kernels import sparse_attention as kernels
-
-    monkeypatch.setattr(kernels, "DKDV_CHUNK", chunk)
-    for causal in (True, False):
-        q, k, v = _inputs(2, 300, 4, 2, 64, torch.float16, device, grad=True)
-        out, idx = deepkern.sparse_attention(q, k, v, 32, 2, 1, 1, causal, return_indices=True,
-                                             backend="triton")
-        _check_fwd_bwd(q, k, v, out, idx.cpu(), 32, causal, 1 / 8, torch.float16)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_equivalent_matches_sdpa(device, causal):
     """Everything fits: every block kept, so the result is dense attention."""

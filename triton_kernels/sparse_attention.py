@@ -18,14 +18,12 @@ the backward's exp2(s - lse) is 0 there).
 
 Backward: the dq kernel walks the same lists (and stores delta = rowsum(dO * O) first); the
 dk/dv kernel walks, for each key block, the query blocks that listed it (a CSR transpose built
-by a sort: deterministic, no atomics), at most `chunk` list entries per program: a key block
-with one chunk writes its dk/dv; longer lists (the sink blocks, listed by every query block)
-write fp32 partials that _dkdv_reduce_kernel sums in chunk order.
+by a sort: deterministic, no atomics); each program owns one key block's dk/dv and sums its
+contributions in a fixed order. Key blocks chosen by many query blocks (the sink blocks) make
+long programs: they are launched first (program ids run over batch x kv head fastest).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -33,9 +31,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # Rows (heads x tokens) of the Q tile per step; the group's heads beyond that are looped.
-# H100, S = 32K (Hq 32, Hkv 8, block 64, D 128), backward: dq tiles of 128 rows 14.8 ms vs
-# 64 rows 17.7; dk/dv tiles of 128 rows 20.2 ms vs 17.7 (fp32 dk and dv accumulators
-# [64, 128] plus 128-row q/dO tiles).
+# H100, S = 32K (Hq 32, Hkv 8, block 64, D 128), backward: dq tiles of 128 rows 9.5 ms vs 64
+# rows 12.5. (dk/dv tiles of 128 rows were slower in a chunked variant of the dk/dv kernel,
+# not re-measured on this one; the forward's 128 is the Triton FA tutorial's first choice.)
 MAX_ROWS_FWD = 128
 MAX_ROWS_DQ = 128
 MAX_ROWS_DKDV = 64
@@ -231,90 +229,51 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, OFFS, QLIST, ITEM_SEG, FIRST_ITEM, NCHUNK, SLOT_FIRST, SCRATCH,
-    S, nb, nseg, chunk, Hq, Hkv, G,
+    Q, K, V, DO, LSE, DELTA, DK, DV, OFFS, QLIST,
+    S, nb, BH, Hq, Hkv, G,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     qk_scale, sm_scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPQ: tl.constexpr,
 ):
-    """One work item: up to `chunk` entries of one key block's list (segment bh * nb + j).
-    A list of one chunk writes dk/dv; longer lists write fp32 partials to SCRATCH, summed in
-    order by _dkdv_reduce_kernel."""
     pid = tl.program_id(0)
-    seg = tl.load(ITEM_SEG + pid)
-    if seg < nseg:  # items past the last one (the grid is an upper bound) do nothing
-        j = seg % nb
-        bh = seg // nb
-        b = (bh // Hkv).to(tl.int64)
-        h = bh % Hkv
-        c = pid - tl.load(FIRST_ITEM + seg)
-        nch = tl.load(NCHUNK + seg)
-        tt = tl.arange(0, BS)
-        d = tl.arange(0, D)
-        r = tl.arange(0, HPQ * BS)
-        t = r // HPQ
-        g = r % HPQ
-        kpos = j * BS + tt
-        kval = kpos < S
-        kpos64 = kpos.to(tl.int64)
-        k = tl.load(K + b * stride_kb + kpos64[:, None] * stride_ks + h * stride_kh + d[None, :],
-                    mask=kval[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + kpos64[:, None] * stride_vs + h * stride_vh + d[None, :],
-                    mask=kval[:, None], other=0.0)
-        dk = tl.zeros([BS, D], dtype=tl.float32)
-        dv = tl.zeros([BS, D], dtype=tl.float32)
-        start = tl.load(OFFS + seg) + c * chunk
-        end = tl.minimum(start + chunk, tl.load(OFFS + seg + 1))
-        # Lists are ascending in i and (causal) start at i >= j: only a list's first entry can
-        # be the diagonal block. Each chunk masks its first entry (a no-op off the diagonal).
-        has = start < end
-        i0 = tl.load(QLIST + start, mask=has, other=0)
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i0, b, h, G, Hq, S, kpos, t, g, d,
+    j = pid // BH  # all (batch, kv head) programs of block 0 (a sink, the longest list) first
+    bh = pid % BH
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    tt = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    r = tl.arange(0, HPQ * BS)
+    t = r // HPQ
+    g = r % HPQ
+    kpos = j * BS + tt
+    kval = kpos < S
+    kpos64 = kpos.to(tl.int64)
+    k = tl.load(K + b * stride_kb + kpos64[:, None] * stride_ks + h * stride_kh + d[None, :],
+                mask=kval[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + kpos64[:, None] * stride_vs + h * stride_vh + d[None, :],
+                mask=kval[:, None], other=0.0)
+    dk = tl.zeros([BS, D], dtype=tl.float32)
+    dv = tl.zeros([BS, D], dtype=tl.float32)
+    seg = bh.to(tl.int64) * nb + j
+    start = tl.load(OFFS + seg)
+    end = tl.load(OFFS + seg + 1)
+    # Lists are ascending in i and (causal) start at i >= j: only the first entry can be the
+    # diagonal block, so only it carries the mask.
+    has = start < end
+    i0 = tl.load(QLIST + start, mask=has, other=0)
+    dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i0, b, h, G, Hq, S, kpos, t, g, d,
+                        stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                        qk_scale, has, BS=BS, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL)
+    for e in range(start + 1, end):
+        i = tl.load(QLIST + e)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
                             stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                            qk_scale, has, BS=BS, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL)
-        for e in range(start + 1, end):
-            i = tl.load(QLIST + e)
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
-                                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                                qk_scale, True, BS=BS, HPQ=HPQ, MASK=False, CAUSAL=CAUSAL)
-        if nch == 1:
-            row = (b * S + kpos64) * Hkv + h
-            tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                     mask=kval[:, None])
-            tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
-        else:
-            part = SCRATCH + (tl.load(SLOT_FIRST + seg) + c) * (2 * BS * D) + tt[:, None] * D + d[None, :]
-            tl.store(part, dk)
-            tl.store(part + BS * D, dv)
-
-
-@triton.jit
-def _dkdv_reduce_kernel(SCRATCH, DK, DV, NCHUNK, SLOT_FIRST, S, nb, Hkv, sm_scale,
-                        BS: tl.constexpr, D: tl.constexpr):
-    """dk/dv of the key blocks whose lists were split: their partials summed in chunk order."""
-    seg = tl.program_id(0)
-    nch = tl.load(NCHUNK + seg)
-    if nch > 1:
-        j = seg % nb
-        bh = seg // nb
-        b = (bh // Hkv).to(tl.int64)
-        h = bh % Hkv
-        tt = tl.arange(0, BS)
-        d = tl.arange(0, D)
-        first = tl.load(SLOT_FIRST + seg)
-        dk = tl.zeros([BS, D], dtype=tl.float32)
-        dv = tl.zeros([BS, D], dtype=tl.float32)
-        for c in range(0, nch):
-            part = SCRATCH + (first + c) * (2 * BS * D) + tt[:, None] * D + d[None, :]
-            dk += tl.load(part)
-            dv += tl.load(part + BS * D)
-        kpos64 = (j * BS + tt).to(tl.int64)
-        kval = j * BS + tt < S
-        row = (b * S + kpos64) * Hkv + h
-        tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=kval[:, None])
-        tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
+                            qk_scale, True, BS=BS, HPQ=HPQ, MASK=False, CAUSAL=CAUSAL)
+    row = (b * S + kpos64) * Hkv + h
+    tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kval[:, None])
+    tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,42 +312,6 @@ def transpose_indices(indices: torch.Tensor, nb: int):
     if qlist.numel() == 0:
         qlist = torch.zeros(1, dtype=torch.int32, device=dev)
     return offs, qlist
-
-
-# dk/dv work split: a key block listed by many query blocks (a sink block is listed by all of
-# them) made one long program that finished last (S = 32K: 512 entries x 4 head chunks against
-# ~19 on average; H100 backward 20.7 ms unsplit, 17.7 split). Lists are cut into chunks of at most `chunk` entries, sized so the longest
-# chunk is no longer than ~2 programs' share per SM of the whole work. DKDV_CHUNK overrides it
-# (tests: small chunks on small shapes).
-DKDV_CHUNK: int | None = None
-DKDV_ITEMS_PER_SM = 2
-
-
-class _DkdvWork(NamedTuple):
-    chunk: int  # entries per work item at most
-    items: int  # grid size (an upper bound; items past the last do nothing)
-    slots: int  # fp32 partial (dk, dv) tiles for split lists, an upper bound
-    item_seg: torch.Tensor  # [items] segment of each item (>= nseg: none)
-    first_item: torch.Tensor  # [nseg] first item of each segment
-    nchunk: torch.Tensor  # [nseg] items of each segment (>= 1)
-    slot_first: torch.Tensor  # [nseg] first partial slot of a split segment
-
-
-def _dkdv_work(offs: torch.Tensor, entries: int, device: torch.device) -> _DkdvWork:
-    """Work items for the dk/dv kernel from the CSR offsets, with device-side torch ops only
-    (no host sync); `entries` bounds the list lengths' sum (the indices' numel)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    chunk = DKDV_CHUNK or max(16, triton.cdiv(entries, DKDV_ITEMS_PER_SM * sms))
-    lens = offs[1:] - offs[:-1]
-    nchunk = ((lens + chunk - 1) // chunk).clamp(min=1)
-    cum = nchunk.cumsum(0)
-    # sum(nchunk) <= nseg + entries / chunk; split segments (len > chunk) hold at most
-    # 2 * entries / chunk items.
-    items = lens.numel() + entries // chunk + 1
-    item_seg = torch.searchsorted(cum, torch.arange(items, device=device), right=True)
-    split = torch.where(nchunk > 1, nchunk, 0)
-    return _DkdvWork(chunk, items, 2 * (entries // chunk) + 1, item_seg, cum - nchunk, nchunk,
-                     split.cumsum(0) - split)
 
 
 def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softmax_scale: float):
@@ -447,19 +370,12 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
         CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, num_warps=warps, num_stages=stages,
     )
     offs, qlist = transpose_indices(indices, nb)
-    work = _dkdv_work(offs, indices.numel(), q.device)
     hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
-    scratch = torch.empty((work.slots, 2, block_size, D), dtype=torch.float32, device=q.device)
-    _dkdv_kernel[(work.items,)](
-        q, k, v, dout, lse, delta, dk, dv, offs, qlist, work.item_seg, work.first_item,
-        work.nchunk, work.slot_first, scratch,
-        S, nb, B * Hkv * nb, work.chunk, Hq, Hkv, G,
+    _dkdv_kernel[(nb * B * Hkv,)](
+        q, k, v, dout, lse, delta, dk, dv, offs, qlist,
+        S, nb, B * Hkv, Hq, Hkv, G,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         qk_scale, softmax_scale,
         CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, num_warps=warps, num_stages=stages,
-    )
-    _dkdv_reduce_kernel[(B * Hkv * nb,)](
-        scratch, dk, dv, work.nchunk, work.slot_first, S, nb, Hkv, softmax_scale,
-        BS=block_size, D=D, num_warps=4,
     )
     return dq, dk, dv
