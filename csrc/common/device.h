@@ -10,30 +10,24 @@
 
 namespace deepkern {
 
-// Number of streaming multiprocessors of `device` (cached; devices 0..63).
-inline int num_sms(int device) {
+// cudaDeviceGetAttribute(kAttr, device), cached per device (devices 0..63; others uncached).
+template <cudaDeviceAttr kAttr>
+inline int cached_attribute(int device) {
   static std::array<std::atomic<int>, 64> cache{};
   if (device >= 0 && device < 64) {
     const int cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttr, device));
+  if (device >= 0 && device < 64) cache[device].store(value, std::memory_order_relaxed);
+  return value;
 }
 
-// Compute capability major version of `device` (cached; devices 0..63).
-inline int cc_major(int device) {
-  static std::array<std::atomic<int>, 64> cache{};
-  if (device >= 0 && device < 64) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (device >= 0 && device < 64) cache[device].store(major, std::memory_order_relaxed);
-  return major;
-}
+// Number of streaming multiprocessors of `device`.
+inline int num_sms(int device) { return cached_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+// Compute capability major version of `device`.
+inline int cc_major(int device) { return cached_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
 
 }  // namespace deepkern
