@@ -8,8 +8,6 @@ from helpers import assert_close
 import deepkern
 from deepkern.reference import layernorm_gelu_ref
 
-pytestmark = pytest.mark.cuda
-
 
 def _check(x, w, b):
     y = deepkern.layernorm_gelu(x, w, b, backend="triton")
@@ -17,6 +15,7 @@ def _check(x, w, b):
     assert_close(y, ref, x.dtype, what=f"y {tuple(x.shape)} ptr%16={x.data_ptr() % 16}")
 
 
+@pytest.mark.cuda
 def test_fast_launch_enabled_on_tested_triton():
     import triton
 
@@ -27,6 +26,7 @@ def test_fast_launch_enabled_on_tested_triton():
     assert _launch.enabled(), "Triton's JITFunction.run no longer launches as _launch assumes"
 
 
+@pytest.mark.cuda
 def test_fast_launch_respects_specialization():
     torch.manual_seed(0)
     n = 1024
@@ -45,6 +45,7 @@ def test_fast_launch_respects_specialization():
                torch.randn(n1, device="cuda", dtype=torch.float16))
 
 
+@pytest.mark.cuda
 def test_fast_launch_backward_and_int4():
     from deepkern.quant import quantize_int4
 
@@ -64,3 +65,41 @@ def test_fast_launch_backward_and_int4():
     for g in grads[1:]:  # cached launches: the same bits as the first (deterministic kernels)
         for a, c in zip(g, grads[0]):
             assert torch.equal(a, c)
+
+
+# CPU checks of the cached launcher's guards (its launches need a GPU).
+
+
+def test_hook_detection():
+    from deepkern.triton_kernels import _launch
+
+    class Chain:  # Triton >= 3.5 keeps a HookChain whose `calls` may be empty
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not _launch._hook_active(None)
+    assert not _launch._hook_active(Chain([]))
+    assert _launch._hook_active(Chain([print]))
+    assert _launch._hook_active(print)  # older Triton: a plain callable
+
+
+@pytest.mark.parametrize("env", [{"TRITON_INTERPRET": "1"}, {"DEEPKERN_TRITON_FAST_LAUNCH": "0"}])
+def test_fast_launch_off_switches(monkeypatch, env):
+    from deepkern.triton_kernels import _launch
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert not _launch._supported()
+
+
+def test_arg_key_separates_specializations():
+    """Whatever Triton specializes a launch on must change the cache key."""
+    from deepkern.triton_kernels import _launch
+
+    base = torch.zeros(64, dtype=torch.float16)
+    key = _launch._arg_key
+    assert key(base) != key(base[1:])  # 16-byte alignment
+    assert key(base) != key(base.float())  # dtype
+    assert key(16) != key(17) and key(1) != key(2)  # divisible by 16; equal to 1
+    assert key(2**31) != key(2**31 - 16)  # 32- vs 64-bit
+    assert key(True) != key(1) and key(0.5) == key(2.0)  # bools apart; floats not specialized
