@@ -95,9 +95,10 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
 int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.tpr); }
 
 // Rows too long for fwd_rows_kernel: fwd_split_kernel with the row split over a thread cluster
-// of up to 8 CTAs (sm_90+; 8 vectors per thread at up to 256 threads per CTA, so rows up to
-// 8 x 8 x 256 vectors: 131072 16-bit or 65536 fp32 values), else one CTA of up to 512 threads
-// with 16 vectors each (16-bit rows up to 65536); longer rows: fwd_loop_kernel.
+// of up to 8 CTAs (sm_90a builds on sm_90 GPUs; 8 vectors per thread at up to 256 threads per
+// CTA, so rows up to 8 x 8 x 256 vectors: 131072 16-bit or 65536 fp32 values), else one CTA
+// of up to 512 threads with 16 vectors each (16-bit rows up to 65536); longer rows:
+// fwd_loop_kernel.
 constexpr int kSplitThreads = 256, kMaxCluster = 8;
 constexpr int kWideIters = 16, kWideThreads = 512;
 
@@ -114,7 +115,14 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
         <<<p.rows, threads_for_part(nvec, kSplitIters), 0, stream>>>(p, 1);
     return true;
   }
-  if (cc_major(device) >= 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
+  // Clusters only where the sm_90a code runs: the kernel's cluster code is compiled for
+  // __CUDA_ARCH__ >= 900, and e.g. an sm_80 PTX JIT-compiled for a Hopper GPU lacks it.
+#ifdef DEEPKERN_HAS_SM90A
+  constexpr bool kClusterBuild = true;
+#else
+  constexpr bool kClusterBuild = false;
+#endif
+  if (kClusterBuild && cc_major(device) == 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
     const int threads = threads_for_part((nvec + ctas - 1) / ctas, kSplitIters);
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
