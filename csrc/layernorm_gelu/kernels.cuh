@@ -350,7 +350,7 @@ __device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
 // overlap on each SM). As the single CTA of shorter rows (ITERS = 8, <= 256 threads) it beats
 // fwd_rows_kernel from 1024 vectors on (see launch_fwd).
 template <typename T, typename PT, int ITERS, bool TANH>
-__global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : ITERS > 4 ? 4 : 6)
+__global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
     fwd_split_kernel(FwdParams p, int ctas) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[2][32];

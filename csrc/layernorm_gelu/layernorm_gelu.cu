@@ -98,11 +98,11 @@ int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.
 // of up to 8 CTAs (sm_90a builds on sm_90 GPUs; 8 vectors per thread at up to 256 threads per
 // CTA, so rows up to 8 x 8 x 256 vectors: 131072 16-bit or 65536 fp32 values), else one CTA
 // of up to 512 threads with 16 vectors each (16-bit rows up to 65536); longer rows:
-// fwd_loop_kernel.
-constexpr int kSplitThreads = 256, kMaxCluster = 8;
+// fwd_loop_kernel. (4 vectors per thread, 8 CTAs per 65536 row: 621 us vs 511 at 4096x65536.)
+constexpr int kSplitIters = 8, kSplitThreads = 256, kMaxCluster = 8;
 constexpr int kWideIters = 16, kWideThreads = 512;
 
-template <typename T, typename PT, bool TANH, int kSplitIters>
+template <typename T, typename PT, bool TANH>
 bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   const int nvec = p.n / VEC;
@@ -158,12 +158,7 @@ void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStrea
   if (const char* env = std::getenv("DEEPKERN_LNG_FWD_SPLIT")) split_from = std::atoi(env) ? 0 : INT32_MAX;
   if (cfg.iters == 0 || p.n / VEC >= split_from) {
     if constexpr (VEC == 16 / sizeof(T)) {
-      // DEEPKERN_LNG_FWD_SPLIT_ITERS=4 (tuning): 4 vectors per thread, twice the CTAs per row.
-      const char* it = std::getenv("DEEPKERN_LNG_FWD_SPLIT_ITERS");
-      const bool four = it != nullptr && std::atoi(it) == 4;
-      if (p.rows * 8 <= INT32_MAX &&
-          (four ? launch_fwd_split<T, PT, TANH, 4>(p, device, stream) : launch_fwd_split<T, PT, TANH, 8>(p, device, stream)))
-        return;
+      if (p.rows * 8 <= INT32_MAX && launch_fwd_split<T, PT, TANH>(p, device, stream)) return;
     }
     lngelu::fwd_loop_kernel<T, VEC, TANH><<<p.rows, 1024, 0, stream>>>(p);
     return;
