@@ -504,3 +504,17 @@ def test_explicit_backend_that_cannot_serve():
     x = torch.randn(4, 64)
     with pytest.raises(deepkern.BackendUnavailableError, match="'cuda' cannot serve"):
         deepkern.layernorm_gelu(x, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_second_gpu():
+    """Tensors on a GPU that is not the current device: both backends launch there."""
+    x, w, b, _ = _inputs((7, 1000), torch.bfloat16, "cuda:1")
+    x.requires_grad_(True)
+    for backend in ("cuda", "triton"):
+        y = deepkern.layernorm_gelu(x, w, b, backend=backend)
+        assert y.device == x.device
+        assert_close(y, _ref(x.detach(), w, b, None, 1e-5, "none", "layernorm")[0], torch.bfloat16)
+        (dx,) = torch.autograd.grad(y, (x,), torch.ones_like(y))
+        assert dx.device == x.device and torch.isfinite(dx).all()

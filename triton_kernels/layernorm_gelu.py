@@ -22,6 +22,7 @@ have the same bits run to run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -526,10 +527,22 @@ def _row_warps(block_n: int) -> int:
     return max(1, min(16, block_n // 1024))
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it x's (multi-GPU callers). No guard
+    when it already is (host time)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
     """`config` overrides the launch choices (num_warps, block) for tuning sweeps."""
-    config = config or {}
+    with _on_device(x.device):
+        return _fwd(x, weight, bias, residual, eps, rmsnorm, tanh, config or {})
+
+
+def _fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool, config: dict):
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     h = torch.empty((rows, n) if residual is not None else (0,), dtype=x.dtype, device=x.device)
@@ -597,7 +610,11 @@ def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: to
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
     """`config` overrides the launch choices (num_warps, per_sm, block) for tuning sweeps."""
-    config = config or {}
+    with _on_device(x.device):
+        return _bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh, config or {})
+
+
+def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dict):
     rows, n = x.shape
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
 
