@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deepkern._backend import on_device
+
 from ._launch import launch
 
 MAGIC_BITS = 0x4B000000  # float bits of 2^23, passed as a kernel argument (see _unpack)
@@ -421,14 +423,9 @@ def _scale_per_tile(group: int, k: int, block_k: int) -> bool:
     return group >= k or group % block_k == 0
 
 
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it x's (multi-GPU callers)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def int4_matmul_fwd(x, packed, scales, zeros, group: int, bias, config: Config | None = None):
     """y [M, N] = x [M, K] @ W.T (+ bias), W dequantized in registers."""
-    with _on_device(x.device):
+    with on_device(x.device):
         return _fwd(x, packed, scales, zeros, group, bias, config)
 
 
@@ -475,7 +472,7 @@ def _fwd(x, packed, scales, zeros, group: int, bias, config: Config | None):
 
 def int4_matmul_dx(dy, packed, scales, zeros, group: int, k: int, config: Config | None = None):
     """dx [M, K] = dy [M, N] @ W, W dequantized tile by tile (no dense copy)."""
-    with _on_device(dy.device):
+    with on_device(dy.device):
         return _dx(dy, packed, scales, zeros, group, k, config)
 
 
@@ -502,7 +499,7 @@ def int4_dequantize(packed, scales, zeros, group: int, k: int, dtype: torch.dtyp
     """The dense weight [N, K] in `dtype` (fp16/bf16), bit-identical to Int4Weight.dequantize:
     one pass that reads the 4-bit codes and writes the dense copy. For a dequantize-then-GEMM
     path at large M (bench provider "deepkern-dequant-cublas"); not used by `auto` yet."""
-    with _on_device(packed.device):
+    with on_device(packed.device):
         n, kw = packed.shape
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
         if n == 0 or k == 0:

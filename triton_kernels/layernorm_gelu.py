@@ -22,12 +22,13 @@ have the same bits run to run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from deepkern._backend import on_device
 
 from ._launch import launch
 
@@ -527,18 +528,10 @@ def _row_warps(block_n: int) -> int:
     return max(1, min(16, block_n // 1024))
 
 
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it x's (multi-GPU callers). No guard
-    when it already is (host time)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
 def layernorm_gelu_fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
     """`config` overrides the launch choices (num_warps, block) for tuning sweeps."""
-    with _on_device(x.device):
+    with on_device(x.device):
         return _fwd(x, weight, bias, residual, eps, rmsnorm, tanh, config or {})
 
 
@@ -585,7 +578,8 @@ def _fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool, confi
                dict(flags, LOW=low, BF16=x.dtype == torch.bfloat16, CHUNK=chunk, NCHUNK=nchunk),
                num_warps=config.get("num_warps", warps))
     else:
-        block, warps = _loop_chunk(n), 4 if _loop_chunk(n) <= 1024 else 8
+        block = _loop_chunk(n)
+        warps = 4 if block <= 1024 else 8
         if n % 16384 == 0:  # H100 4096x65536 bf16: 16384 x 32 warps 540 us, 4096 x 8 569
             block, warps = 16384, 32
         block = config.get("block", block)
@@ -610,7 +604,7 @@ def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: to
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
     """`config` overrides the launch choices (num_warps, per_sm, block) for tuning sweeps."""
-    with _on_device(x.device):
+    with on_device(x.device):
         return _bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh, config or {})
 
 

@@ -359,22 +359,21 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   const int64_t row = blockIdx.x / ctas;
   const int base = (blockIdx.x % ctas) * ITERS * tpr;  // first vector of this CTA's part
   const int n = p.n, nvec = n / VEC, warps = tpr / 32;
-  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + row * p.x_stride);
-
-  uint4 px[ITERS];
-#pragma unroll
-  for (int i = 0; i < ITERS; ++i) {
-    const int vi = base + i * tpr + t;
-    px[i] = vi < nvec ? __ldcs(x + vi) : make_uint4(0, 0, 0, 0);
-  }
-  if (p.res) {
-    const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(p.res) + row * p.res_stride);
-    uint4 pr[ITERS];
+  // This thread's vectors of a row of x or the residual (zeros past the row), evict-first.
+  auto fetch = [&](const void* src, int64_t stride, uint4 (&out)[ITERS]) {
+    const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(src) + row * stride);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int vi = base + i * tpr + t;
-      pr[i] = vi < nvec ? __ldcs(r + vi) : make_uint4(0, 0, 0, 0);
+      out[i] = vi < nvec ? __ldcs(r + vi) : make_uint4(0, 0, 0, 0);
     }
+  };
+
+  uint4 px[ITERS];
+  fetch(p.x, p.x_stride, px);
+  if (p.res) {
+    uint4 pr[ITERS];
+    fetch(p.res, p.res_stride, pr);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int vi = base + i * tpr + t;

@@ -18,6 +18,7 @@ It also registers an availability function so `python -m deepkern.info` can repo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Callable, Mapping, Sequence
@@ -83,6 +84,15 @@ def triton_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and triton_interpreting():
         return None
     return f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+
+
+def on_device(device: torch.device):
+    """A context in which `device` is the current CUDA device: Triton launches on the current
+    device, so kernels on tensors of another GPU need it (multi-GPU callers). No guard when it
+    already is current, or for CPU tensors (host time on every call)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def device_reasons(device: torch.device) -> dict[str, str | None]:

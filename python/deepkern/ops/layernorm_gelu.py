@@ -25,6 +25,18 @@ _APPROXIMATE = ("none", "tanh")
 _NORMS = ("layernorm", "rmsnorm")
 
 
+def _triton_launch_fwd(*args):  # triton is imported on first use, not by `import deepkern`
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_fwd(*args)
+
+
+def _triton_launch_bwd(*args):
+    from deepkern.triton_kernels import layernorm_gelu as kernels
+
+    return kernels.layernorm_gelu_bwd(*args)
+
+
 # ------------------------------------------------------------------------------------------
 # Triton custom ops (same schema as the C++ ones in csrc/registration.cpp)
 
@@ -39,9 +51,7 @@ def _triton_fwd(
     rmsnorm: bool,
     tanh: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from deepkern.triton_kernels import layernorm_gelu as kernels
-
-    return kernels.layernorm_gelu_fwd(x, weight, bias, residual, eps, rmsnorm, tanh)
+    return _triton_launch_fwd(x, weight, bias, residual, eps, rmsnorm, tanh)
 
 
 @torch.library.custom_op("deepkern_triton::layernorm_gelu_bwd", mutates_args=())
@@ -55,9 +65,7 @@ def _triton_bwd(
     rmsnorm: bool,
     tanh: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from deepkern.triton_kernels import layernorm_gelu as kernels
-
-    return kernels.layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh)
+    return _triton_launch_bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh)
 
 
 def _fwd_fake(x, weight, bias, residual, eps, rmsnorm, tanh):
@@ -150,19 +158,7 @@ def _cuda_bwd(*args):
         return torch.ops.deepkern.layernorm_gelu_bwd.default(*args)
 
 
-def _triton_fwd_eager(*args):
-    from deepkern.triton_kernels import layernorm_gelu as kernels
-
-    return kernels.layernorm_gelu_fwd(*args)
-
-
-def _triton_bwd_eager(*args):
-    from deepkern.triton_kernels import layernorm_gelu as kernels
-
-    return kernels.layernorm_gelu_bwd(*args)
-
-
-_EAGER = {"cuda": (_cuda_fwd, _cuda_bwd), "triton": (_triton_fwd_eager, _triton_bwd_eager)}
+_EAGER = {"cuda": (_cuda_fwd, _cuda_bwd), "triton": (_triton_launch_fwd, _triton_launch_bwd)}
 
 
 class _EagerLayerNormGELU(torch.autograd.Function):

@@ -10,7 +10,6 @@ keys) are documented in deepkern/reference/sparse_attention.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -36,11 +35,6 @@ _CUDA_REASON = "the CUDA kernels are not implemented yet (issue 5's part 2)"
 # Triton custom ops
 
 
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the inputs' (multi-GPU callers)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.library.custom_op("deepkern_triton::select_blocks", mutates_args=())
 def _triton_select(
     q: torch.Tensor,
@@ -54,7 +48,7 @@ def _triton_select(
 ) -> torch.Tensor:
     from deepkern.triton_kernels import sparse_attention_select as kernels
 
-    with _on_device(q.device):
+    with _backend.on_device(q.device):
         return kernels.select_blocks(q, k, block_size, topk, sink_blocks, local_blocks, causal,
                                      softmax_scale)
 
@@ -71,7 +65,7 @@ def _triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from deepkern.triton_kernels import sparse_attention as kernels
 
-    with _on_device(q.device):
+    with _backend.on_device(q.device):
         return kernels.sparse_attention_fwd(q, k, v, indices, block_size, causal, softmax_scale)
 
 
@@ -90,7 +84,7 @@ def _triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from deepkern.triton_kernels import sparse_attention as kernels
 
-    with _on_device(q.device):
+    with _backend.on_device(q.device):
         return kernels.sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size, causal,
                                             softmax_scale)
 
