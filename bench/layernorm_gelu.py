@@ -93,6 +93,10 @@ def cases(quick: bool) -> list[Case]:
                 "eager": _provider(lambda: _eager, rows, n, dtype, backward),
                 "deepkern-cuda": _provider(_backend_available("cuda"), rows, n, dtype, backward),
                 "deepkern-triton": _provider(_backend_available("triton"), rows, n, dtype, backward),
+                # Training under "auto": the faster forward with the faster backward, which
+                # may come from different backends.
+                **({"deepkern-auto": _provider(lambda: _ours("auto"), rows, n, dtype, backward)}
+                   if backward else {}),
                 "torch.compile": _provider(_compiled, rows, n, dtype, backward),
                 "liger+gelu": _provider(_liger, rows, n, dtype, backward),
             }

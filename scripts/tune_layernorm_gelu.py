@@ -20,12 +20,19 @@ import deepkern  # noqa: F401  (registers the ops)
 from deepkern.triton_kernels import layernorm_gelu as tk
 
 SHAPES = [(16384, 8192), (32768, 5120), (8192, 12288), (65536, 1024), (4096, 65536)]
-FWD_ITERS = [0, 2, 4, 8]  # DEEPKERN_LNG_FWD_ITERS (0: the default rule)
-BWD_ITERS = [0, 1, 2, 4]
+# CUDA variants (environment overrides): forward split kernel from 1024 vectors (default),
+# always, never, without clusters; backward ring kernel (default), its vectors per thread and
+# cluster split, and the kernels without the ring.
+FWD_ENVS = [{}, {"DEEPKERN_LNG_FWD_SPLIT": "1"}, {"DEEPKERN_LNG_FWD_SPLIT": "0"}, {"DEEPKERN_LNG_FWD_CLUSTER": "1"}]
+BWD_ENVS = [{}, {"DEEPKERN_LNG_BWD_RING_ITERS": "1"}] + [
+    {"DEEPKERN_LNG_BWD_RING_CLUSTER": str(c)} for c in (2, 3, 4, 8, 16)] + [{"DEEPKERN_LNG_BWD_RING": "0"}]
 TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32}, {"chunk": 2048, "num_warps": 8},
               {"max_row_block": 0, "chunk": 0, "block": 4096, "num_warps": 8},
               {"max_row_block": 0, "chunk": 0, "block": 4096, "num_warps": 16}]
-TRITON_BWD = [{}, {"prefetch": False}, {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]
+# {} is the default: widths that are not a power of two as two power-of-two chunks (5120 =
+# 4096 + 1024, 12288 = 8192 + 4096); two_chunks=False: one padded block (12288: two kernels).
+TRITON_BWD = [{}, {"two_chunks": False}, {"num_warps": 8}, {"num_warps": 32}, {"prefetch": False},
+              {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]
 
 
 def bench(fn):
@@ -41,6 +48,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--shapes")
+    ap.add_argument("--cuda-only", action="store_true", help="skip the Triton sweeps")
     args = ap.parse_args()
     shapes = SHAPES
     if args.shapes:
@@ -67,20 +75,22 @@ def main():
             flag = "" if err < 1e-2 else "  <-- WRONG"
             print(f"  {kind} {name:<28} {us:8.1f} us  {floor / us:5.0%} of copy  err {err:.1e}{flag}")
 
-        for iters in FWD_ITERS:
-            os.environ["DEEPKERN_LNG_FWD_ITERS"] = str(iters)
+        for env in FWD_ENVS:
+            os.environ.update(env)
             y = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)[0]
-            record("fwd", f"cuda iters={iters or 'default'}",
+            record("fwd", f"cuda {env or 'default'}",
                    bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)),
                    relerr(y, y0))
-        os.environ.pop("DEEPKERN_LNG_FWD_ITERS", None)
-        for iters in BWD_ITERS:
-            os.environ["DEEPKERN_LNG_BWD_ITERS"] = str(iters)
+            for key in env:
+                os.environ.pop(key)
+        for env in BWD_ENVS:
+            os.environ.update(env)
             dx, dw, _ = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
-            record("bwd", f"cuda iters={iters or 'default'}",
+            record("bwd", f"cuda {env or 'default'}",
                    bench(lambda: cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)),
                    max(relerr(dx, dx0), relerr(dw, dw0)))
-        os.environ.pop("DEEPKERN_LNG_BWD_ITERS", None)
+            for key in env:
+                os.environ.pop(key)
         # The GELU's share: the same kernels with the (cheaper) tanh form, and rmsnorm.
         for tanh, rms in ((True, False), (False, True)):
             tag = "tanh" if tanh else "rms"
@@ -92,7 +102,7 @@ def main():
         record("fwd", "torch copy_ (x -> y)", bench(lambda: scratch.copy_(x)), 0.0)
         del scratch
 
-        for cfg in TRITON_FWD:
+        for cfg in [] if args.cuda_only else TRITON_FWD:
             try:
                 y = tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)[0]
                 torch.cuda.synchronize()
@@ -101,7 +111,7 @@ def main():
                        relerr(y, y0))
             except Exception as exc:  # noqa: BLE001
                 print(f"  triton fwd {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-        for cfg in TRITON_BWD:
+        for cfg in [] if args.cuda_only else TRITON_BWD:
             try:
                 dx, dw, _ = tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False, cfg)
                 record("bwd", f"triton {cfg}",

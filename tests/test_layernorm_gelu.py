@@ -215,6 +215,77 @@ def test_backward_long_rows(device):
         _check_backward((3, 40000), torch.bfloat16, device, backend, residual=True)
 
 
+@pytest.mark.parametrize(
+    "n, blocks",
+    [(1, (1, 0)), (3, (2, 1)), (24, (16, 8)), (40, (32, 8)), (96, (64, 32)), (1000, (1024, 0)),
+     (1024, (1024, 0)), (1536, (1024, 512)), (3072, (2048, 1024)), (5120, (4096, 1024)),
+     (12288, (8192, 4096)), (16000, (16384, 0))],
+)
+def test_backward_row_blocks(n, blocks):
+    """The Triton backward's row chunks (BLOCK_A, BLOCK_B): the largest power of two <= n plus
+    a power of two for the rest, or one padded block when the rest needs a block of BLOCK_A."""
+    from deepkern.triton_kernels import layernorm_gelu as tk
+
+    assert tk._bwd_row_blocks(n) == blocks
+    assert tk._bwd_row_blocks(n, two_chunks=False) == (1 << (n - 1).bit_length(), 0)
+
+
+def _check_triton_bwd(x, w, b, dy, norm, approximate, config):
+    """The Triton backward launcher called directly (mean/rstd from the Triton forward) against
+    the fp64 reference, with _check_backward's bounds. Its outputs come from torch.empty, which
+    the autouse fixture fills with NaN: an element the kernel does not write fails."""
+    from deepkern.triton_kernels import layernorm_gelu as tk
+
+    rms, tanh = norm == "rmsnorm", approximate == "tanh"
+    _, _, mean, rstd = tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, rms, tanh)
+    dx, dw, db = tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, rms, tanh, config)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = {}
+    for prec in (torch.float64, None):  # the fp64 reference, then PyTorch at the input precision
+        ref = [t.detach().to(prec or t.dtype).requires_grad_(True) for t in leaves]
+        it = iter(ref[1:])
+        rw = next(it) if w is not None else None
+        rb = next(it) if b is not None else None
+        out = layernorm_gelu_ref(ref[0], rw, rb, 1e-5, approximate, None, norm)
+        out.backward(dy.to(out.dtype))
+        grads[prec] = [t.grad for t in ref]
+    names = ["dx"] + (["dweight"] if w is not None else []) + (["dbias"] if b is not None else [])
+    outs = [dx] + ([dw] if w is not None else []) + ([db] if b is not None else [])
+    what = (f"[{tuple(x.shape)} {x.dtype} {norm} {approximate} w={w is not None} "
+            f"b={b is not None} {config}]")
+    for name, g, r64, rlp, t in zip(names, outs, grads[torch.float64], grads[None], leaves):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{name} {what}"
+        scale = max(2.0, 4 * rel_error(rlp, r64) / REL_TOL[t.dtype])
+        assert_close(g, r64, t.dtype, scale=scale, what=f"{name} {what}")
+    if w is None:
+        assert dw.numel() == 0
+    if b is None:
+        assert db.numel() == 0
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [24, 40, 96, 1000, 1536, 5120, 12288])
+def test_backward_two_chunks(device, dtype, n):
+    """Widths the Triton backward holds as two power-of-two chunks (24 = 16 + 8, ..., 12288 =
+    8192 + 4096; 1000: one padded block), layernorm and rmsnorm, with and without weight and
+    bias; several rows per program (per_sm=1) with and without the prefetch; and the single
+    padded block (two_chunks=False; 12288: the two-kernel path) against the same reference."""
+    configs = [None, {"two_chunks": False}, {"per_sm": 1, "prefetch": True},
+               {"per_sm": 1, "prefetch": False}]
+    variants = [
+        dict(norm="layernorm"),
+        dict(norm="rmsnorm", bias=False),
+        dict(norm="layernorm", weight=False, bias=False),
+        dict(norm="rmsnorm", approximate="tanh"),
+    ]
+    for i, v in enumerate(variants):
+        x, w, b, _ = _inputs((7, n), dtype, device, v.get("weight", True), v.get("bias", True))
+        dy = torch.randn((7, n), dtype=torch.float32).to(dtype).to(device)
+        for config in configs if i == 0 else configs[:2]:
+            _check_triton_bwd(x, w, b, dy, v["norm"], v.get("approximate", "none"), config)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4096, 1), (1025, 1000), (777, 5120), (300, 12288), (40, 65536),
@@ -223,6 +294,36 @@ def test_backward_gpu_shapes(dtype, shape):
     for backend in ("cuda", "triton"):
         _check_backward(shape, dtype, "cuda", backend)
         _check_backward(shape, dtype, "cuda", backend, residual=True, norm="rmsnorm",
+                        param_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("env", [{"DEEPKERN_LNG_BWD_RING_ITERS": "1"},
+                                 {"DEEPKERN_LNG_BWD_RING_CLUSTER": "2"},
+                                 {"DEEPKERN_LNG_BWD_RING_CLUSTER": "3"},
+                                 {"DEEPKERN_LNG_BWD_RING": "0"}])
+def test_backward_cuda_paths(monkeypatch, env):
+    """The CUDA backward's other configurations: one vector per thread, rows split over
+    thread clusters of more CTAs, and the kernels without the copy ring."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for shape in [(2000, 1024), (777, 5120), (300, 12288), (40, 65536), (333, 640), (1025, 1000)]:
+        _check_backward(shape, torch.bfloat16, "cuda", "cuda")
+        _check_backward(shape, torch.float16, "cuda", "cuda", residual=True, norm="rmsnorm",
+                        param_dtype=torch.float32)
+    _check_backward((300, 12288), torch.float32, "cuda", "cuda")
+
+
+@pytest.mark.cuda
+def test_backward_auto_mixed_backends():
+    """Training under "auto" runs Triton's forward with CUDA's backward at these widths; the
+    gradients must still match the reference."""
+    from deepkern.ops.layernorm_gelu import _auto_order
+
+    assert _auto_order(5120, False)[0] == "triton" and _auto_order(5120, True)[0] == "cuda"
+    for shape in [(777, 5120), (300, 12288), (5, 3, 4096)]:
+        _check_backward(shape, torch.bfloat16, "cuda", "auto")
+        _check_backward(shape, torch.float16, "cuda", "auto", residual=True, norm="rmsnorm",
                         param_dtype=torch.float32)
 
 

@@ -8,11 +8,13 @@ Same contract as the CUDA op (csrc/layernorm_gelu/): x is 2-D [rows, hidden] wit
 stride; outputs are contiguous; mean/rstd are fp32 [rows] (mean is 0 for rmsnorm).
 
 Paths:
-- rows up to MAX_ROW_BLOCK_FWD (bwd: MAX_ROW_BLOCK_BWD) elements: one program per row (forward)
+- rows up to MAX_ROW_BLOCK_FWD (bwd: MAX_ONE_BLOCK_BWD) elements: one program per row (forward)
   or per group of rows (backward, persistent, weight-gradient sums kept in registers), the row
   held as a single block.
 - widths a power-of-two block would leave >1/8 empty (5120, 12288, ...; up to 16384): the
-  forward holds the row as 3-8 power-of-two chunks in registers (_fwd_chunks_kernel).
+  forward holds the row as 3-8 power-of-two chunks in registers (_fwd_chunks_kernel). The
+  backward holds any width that is not a power of two as two power-of-two chunks (5120 = 4096
+  + 1024; _bwd_row_blocks), up to MAX_ROW_BLOCK_BWD together.
 - longer rows: the forward loops over the row twice (statistics by Chan's merge of per-chunk
   moments, then normalize+GELU, re-reading mostly from L2); the backward computes per-row
   statistics first, then a column-tiled kernel writes dx and weight-gradient partials.
@@ -33,9 +35,11 @@ from deepkern._backend import on_device
 from ._launch import launch
 
 MAX_ROW_BLOCK_FWD = 32768
-# Above 8192 the one-block backward spills (x, dy, w, b, dw, db per element; H100 8192x12288
-# bf16: 1851 us) and the two-kernel path wins.
-MAX_ROW_BLOCK_BWD = 8192
+# Backward in registers: one row block up to MAX_ONE_BLOCK_BWD (above, it spills: x, dy, w, b,
+# dw, db per element; H100 8192x12288 bf16 as one 16384 block 1851 us, the two-kernel path
+# wins); two chunks up to MAX_ROW_BLOCK_BWD together (12288 = 8192 + 4096).
+MAX_ONE_BLOCK_BWD = 8192
+MAX_ROW_BLOCK_BWD = 16384
 LOOP_BLOCK = 4096  # chunk of the looped kernels
 TILE_COLS = 1024  # column tile of the looped backward
 
@@ -349,57 +353,129 @@ def _fwd_loop_kernel(
 
 
 @triton.jit
+def _bwd_params(W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """weight and bias over one chunk of columns, as fp32 (1 and 0 when absent)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
+    return w, b
+
+
+@triton.jit
+def _bwd_fetch(P, row, stride, n_rows, cols, mask):
+    """One chunk of row `row` of P (zeros past the last row: the prefetch runs one row ahead)."""
+    return tl.load(P + row * stride + cols, mask=mask & (row < n_rows), other=0.0)
+
+
+@triton.jit
+def _bwd_grads(x, dy, w, b, mask, mean, rstd, dw, db,
+               TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr):
+    """One chunk of a row (x, dy in fp32): (xhat, dxhat, dw, db) with the gradient dz at the
+    GELU's input added into the weight/bias gradient sums dw += dz * xhat, db += dz."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dz = dy * _gelu_grad(xhat * w + b, TANH, WIDE, FAST)
+    dw += dz * xhat
+    db += dz
+    return xhat, dz * w, dw, db
+
+
+@triton.jit
+def _bwd_sums(dxhat, xhat, RMS: tl.constexpr):
+    """One chunk's row sums: sum(dxhat * xhat) (RMS), else [sum(dxhat), sum(dxhat * xhat)],
+    both in one reduction (one barrier round instead of two)."""
+    if RMS:
+        return tl.sum(dxhat * xhat, axis=0)
+    else:
+        return tl.sum(tl.join(dxhat, dxhat * xhat), axis=0)
+
+
+@triton.jit
+def _bwd_store_dx(DX, row, N, cols, mask, dxhat, xhat, rstd, c1, c2, RMS: tl.constexpr):
+    if RMS:
+        dx = rstd * (dxhat - xhat * c2)
+    else:
+        dx = rstd * (dxhat - c1 - xhat * c2)
+    tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _bwd_rows_kernel(
     DY, X, W, B, Mean, Rstd, DX, DWp, DBp,
     n_rows, N, stride_dy, stride_x, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    """Persistent programs over rows; a row in registers as chunk A = columns [0, BLOCK_A) and,
+    when BLOCK_B > 0, chunk B = [BLOCK_A, BLOCK_A + BLOCK_B), both masked by cols < N (5120 =
+    4096 + 1024: a padded 8192 block's masked lanes would still run the GELU-gradient math).
+    `if BLOCK_B > 0` is resolved at compile time: with BLOCK_B = 0, the one-block kernel."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_A)
     mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w, b = _bwd_params(W, B, cols, mask, HAS_W, HAS_B)
+    dw = tl.zeros([BLOCK_A], dtype=tl.float32)
+    db = tl.zeros([BLOCK_A], dtype=tl.float32)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        mask_b = cols_b < N
+        w_b, b_b = _bwd_params(W, B, cols_b, mask_b, HAS_W, HAS_B)
+        dw_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        db_b = tl.zeros([BLOCK_B], dtype=tl.float32)
     # PREFETCH: the next row's x and dy are loaded before this row is computed and reduced, so
     # a program keeps its loads in flight through its own reductions.
     if PREFETCH:
         first = tl.cast(pid, tl.int64)
-        x_next = tl.load(X + first * stride_x + cols, mask=mask & (first < n_rows), other=0.0)
-        dy_next = tl.load(DY + first * stride_dy + cols, mask=mask & (first < n_rows), other=0.0)
+        x_next = _bwd_fetch(X, first, stride_x, n_rows, cols, mask)
+        dy_next = _bwd_fetch(DY, first, stride_dy, n_rows, cols, mask)
+        if BLOCK_B > 0:
+            x_next_b = _bwd_fetch(X, first, stride_x, n_rows, cols_b, mask_b)
+            dy_next_b = _bwd_fetch(DY, first, stride_dy, n_rows, cols_b, mask_b)
     for row in range(pid, n_rows, step):
         row64 = tl.cast(row, tl.int64)
         if PREFETCH:
             x_raw = x_next
             dy_raw = dy_next
             nxt = row64 + step
-            x_next = tl.load(X + nxt * stride_x + cols, mask=mask & (nxt < n_rows), other=0.0)
-            dy_next = tl.load(DY + nxt * stride_dy + cols, mask=mask & (nxt < n_rows), other=0.0)
+            x_next = _bwd_fetch(X, nxt, stride_x, n_rows, cols, mask)
+            dy_next = _bwd_fetch(DY, nxt, stride_dy, n_rows, cols, mask)
+            if BLOCK_B > 0:
+                x_raw_b = x_next_b
+                dy_raw_b = dy_next_b
+                x_next_b = _bwd_fetch(X, nxt, stride_x, n_rows, cols_b, mask_b)
+                dy_next_b = _bwd_fetch(DY, nxt, stride_dy, n_rows, cols_b, mask_b)
         else:
             x_raw = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
             dy_raw = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0)
+            if BLOCK_B > 0:
+                x_raw_b = tl.load(X + row64 * stride_x + cols_b, mask=mask_b, other=0.0)
+                dy_raw_b = tl.load(DY + row64 * stride_dy + cols_b, mask=mask_b, other=0.0)
         x = x_raw.to(tl.float32)
         dy = dy_raw.to(tl.float32)
         rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-        dz = dy * _gelu_grad(xhat * w + b, TANH, WIDE, FAST)
-        dw += dz * xhat
-        db += dz
-        dxhat = dz * w
+        mean = tl.load(Mean + row)
+        xhat, dxhat, dw, db = _bwd_grads(x, dy, w, b, mask, mean, rstd, dw, db, TANH, WIDE, FAST)
+        sums = _bwd_sums(dxhat, xhat, RMS)
+        if BLOCK_B > 0:
+            xhat_b, dxhat_b, dw_b, db_b = _bwd_grads(
+                x_raw_b.to(tl.float32), dy_raw_b.to(tl.float32), w_b, b_b, mask_b, mean, rstd,
+                dw_b, db_b, TANH, WIDE, FAST)
+            sums += _bwd_sums(dxhat_b, xhat_b, RMS)  # over the whole row
         if RMS:
-            c2 = tl.sum(dxhat * xhat, axis=0) * inv_n
-            dx = rstd * (dxhat - xhat * c2)
+            c1 = 0.0
+            c2 = sums * inv_n
         else:
-            # Both row sums in one reduction (one barrier round instead of two).
-            c1, c2 = tl.split(tl.sum(tl.join(dxhat, dxhat * xhat), axis=0) * inv_n)
-            dx = rstd * (dxhat - c1 - xhat * c2)
-        tl.store(DX + row64 * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            c1, c2 = tl.split(sums * inv_n)
+        _bwd_store_dx(DX, row64, N, cols, mask, dxhat, xhat, rstd, c1, c2, RMS)
+        if BLOCK_B > 0:
+            _bwd_store_dx(DX, row64, N, cols_b, mask_b, dxhat_b, xhat_b, rstd, c1, c2, RMS)
     if HAS_W:
         tl.store(DWp + pid * N + cols, dw, mask=mask)
+        if BLOCK_B > 0:
+            tl.store(DWp + pid * N + cols_b, dw_b, mask=mask_b)
     if HAS_B:
         tl.store(DBp + pid * N + cols, db, mask=mask)
+        if BLOCK_B > 0:
+            tl.store(DBp + pid * N + cols_b, db_b, mask=mask_b)
 
 
 @triton.jit
@@ -523,6 +599,19 @@ def _register_chunk(n: int, low: bool) -> int:
     return 0
 
 
+def _bwd_row_blocks(n: int, two_chunks: bool = True) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B) of _bwd_rows_kernel: the largest power of two <= n and the next one
+    >= the rest (5120 = 4096 + 1024, 12288 = 8192 + 4096); (next_power_of_2(n), 0) for a power
+    of two, when the rest needs BLOCK_A too (1000: 512 + 512) or when not two_chunks."""
+    block = triton.next_power_of_2(n)
+    if two_chunks and block != n:
+        block_a = block // 2
+        block_b = triton.next_power_of_2(n - block_a)
+        if block_b < block_a:
+            return block_a, block_b
+    return block, 0
+
+
 def _row_warps(block_n: int) -> int:
     # H100, 16384x8192 bf16 forward: 8 warps 244 us, 16 warps 264 us, 4 warps 298 us.
     return max(1, min(16, block_n // 1024))
@@ -603,7 +692,8 @@ def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: to
 
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
-    """`config` overrides the launch choices (num_warps, per_sm, block) for tuning sweeps."""
+    """`config` overrides the launch choices (num_warps, per_sm, prefetch, max_row_block, block,
+    two_chunks: False = one padded power-of-two block) for tuning sweeps."""
     with on_device(x.device):
         return _bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh, config or {})
 
@@ -623,18 +713,24 @@ def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dic
                  WIDE=x.dtype == torch.float32, FAST=x.is_cuda)
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    block_n = triton.next_power_of_2(n)
-    if block_n <= config.get("max_row_block", MAX_ROW_BLOCK_BWD):
+    block_a, block_b = _bwd_row_blocks(n, config.get("two_chunks", True))
+    total = block_a + block_b
+    limit = config.get("max_row_block", MAX_ROW_BLOCK_BWD)
+    if total <= (limit if block_b else min(limit, MAX_ONE_BLOCK_BWD)):
         # Persistent programs (H100 bf16, 16384x8192: 16 warps x 1 per SM 561 us, x 2 per SM
         # 580 us, 8 warps x 1 per SM 691 us; 65536x1024: 8 warps x 1 per SM 708 us, x 2 421 us):
-        # one big program per SM for long rows, several small ones for short rows.
-        per_sm = config.get("per_sm", max(1, min(8, 4096 // block_n)))
+        # one big program per SM for long rows, several small ones for short rows. Two chunks:
+        # the warps of the padded block, programs by BLOCK_A (H100 bf16 32768x3072: 2 per SM
+        # 263 us, 1 per SM 353), no prefetch past 9216 (it spills; 8192x12288: 427 us vs 487).
+        per_sm = config.get("per_sm", max(1, min(8, 4096 // block_a)))
+        warps = max(4, min(16, triton.next_power_of_2(total) // 512))
         programs = min(rows, per_sm * _num_programs_per_device(x.device))
         dwp, dbp = torch.empty((2, programs, n), dtype=torch.float32, device=x.device).unbind(0)
         launch(_bwd_rows_kernel, (programs,),
                (dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n),
-               dict(flags, BLOCK_N=block_n, PREFETCH=config.get("prefetch", True)),
-               num_warps=config.get("num_warps", max(4, min(16, block_n // 512))))
+               dict(flags, BLOCK_A=block_a, BLOCK_B=block_b,
+                    PREFETCH=config.get("prefetch", total <= 9216)),
+               num_warps=config.get("num_warps", warps))
     else:
         c1, c2 = torch.empty((2, rows), dtype=torch.float32, device=x.device).unbind(0)
         launch(_bwd_row_stats_kernel, (rows,),

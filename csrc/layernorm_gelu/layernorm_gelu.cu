@@ -7,11 +7,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 
 #include "common/device.h"
-#include "layernorm_gelu/kernels.cuh"
+#include "layernorm_gelu/backward.cuh"
 
 namespace deepkern {
 namespace {
@@ -93,6 +100,149 @@ bool vector_ok(std::initializer_list<const void*> ptrs, std::initializer_list<in
 // At least 128 threads per CTA, and a whole number of rows: with tpr = 96 a 128-thread CTA
 // would hand its last warp a second, partial row (wrong sums, a write race on the next row).
 int threads_for(const RowsConfig& cfg) { return cfg.tpr * std::max(1, 128 / cfg.tpr); }
+
+// ---------------------------------------------------------------------------------------
+// Backward copy-ring kernel (bwd_ring_kernel; ring.cuh): 2 16-byte vectors per thread (1 for
+// rows of < 64 vectors), short rows several to a CTA, rows of more than 1024 vectors over a
+// thread cluster (sm_90a builds on sm_90 GPUs) of CTAs whose thread count divides 512 (the
+// 128-register CTAs then fill the register file: 8192x12288 bf16 2 x 384 threads 339 us, 3 x
+// 256 310); persistent (as many walkers as fit at once). H100 bf16, against 1 vector per
+// thread: 16384x8192 296 vs 367 us, 32768x5120 420 vs 486, 65536x1024 164 vs 200.
+// (The same ring for the forward ran slower than fwd_rows/fwd_split at every bench shape,
+// e.g. 16384x8192 256 vs 213 us: one 16-warp CTA per SM with two dependent row reductions is
+// latency-bound where the forward has little arithmetic per row to hide them.)
+// Tuning: DEEPKERN_LNG_BWD_RING=0 turns it off, ..._ITERS=1|2, ..._CLUSTER=N splits rows over
+// at least N CTAs; DEEPKERN_LNG_DEBUG=1 prints each new launch geometry.
+
+struct Ring {
+  int iters = 0;  // 0: the ring kernels do not apply
+  int ctas = 1;  // CTAs per row (a thread cluster when > 1)
+  int tpr = 0;  // threads per row and CTA
+  int rows_per_cta = 1;
+  int threads = 0;
+};
+
+Ring ring_geometry(int nvec, int64_t rows, int device) {
+  if (const char* off = std::getenv("DEEPKERN_LNG_BWD_RING"); off && std::atoi(off) == 0) return {};
+  Ring g;
+  g.iters = nvec >= 64 ? 2 : 1;
+  if (const char* v = std::getenv("DEEPKERN_LNG_BWD_RING_ITERS")) g.iters = std::atoi(v) == 1 ? 1 : 2;
+  int min_ctas = 1;
+  if (const char* v = std::getenv("DEEPKERN_LNG_BWD_RING_CLUSTER")) min_ctas = std::max(1, std::atoi(v));
+  g.ctas = std::max((nvec + 1023) / 1024, std::min(min_ctas, std::max(1, nvec / 64)));
+  auto cta_threads = [&](int ctas) {
+    return ((nvec + ctas - 1) / ctas + g.iters - 1) / g.iters;
+  };
+  if (g.ctas > 1)
+    while (g.ctas < lngelu::kMaxClusterRing && cta_threads(g.ctas) > 128 &&
+           512 % ((cta_threads(g.ctas) + 31) / 32 * 32) != 0)
+      ++g.ctas;
+#ifdef DEEPKERN_HAS_SM90A
+  const bool clusters = cc_major(device) == 9;
+#else
+  const bool clusters = false;
+#endif
+  if (g.ctas > lngelu::kMaxClusterRing || (g.ctas > 1 && !clusters) || rows * g.ctas > INT32_MAX) return {};
+  const int part = (nvec + g.ctas - 1) / g.ctas;  // vectors per CTA
+  g.tpr = ((part + g.iters - 1) / g.iters + 31) / 32 * 32;
+  g.rows_per_cta = g.ctas > 1 ? 1 : std::max(1, 1024 / g.iters / g.tpr);
+  g.threads = g.tpr * g.rows_per_cta;
+  return g;
+}
+
+// Clusters (or CTAs) of `kernel` resident at once, at most what `rows` need; 0 if none fits.
+// Cached per (kernel, geometry, device): the occupancy calls cost host time on every call.
+template <typename Kernel>
+int64_t ring_groups(Kernel kernel, const Ring& g, size_t smem, size_t max_smem, int64_t rows, int device) {
+  using Key = std::tuple<const void*, int, size_t, int, int>;
+  static std::mutex mutex;
+  static std::map<Key, int64_t> cache;
+  const Key key{reinterpret_cast<const void*>(kernel), g.threads, smem, g.ctas, device};
+  int64_t resident = -1;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = cache.find(key); it != cache.end()) resident = it->second;
+  }
+  if (resident < 0) {
+    // The kernel's largest ring, once per kernel and device (cudaFuncSetAttribute is per
+    // device; a smaller value set later would break launches sized by an earlier one).
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(max_smem)));
+    if (g.ctas > 1) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      cudaLaunchConfig_t cfg = {};
+      cudaLaunchAttribute attr = {};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim = {static_cast<unsigned>(g.ctas), 1, 1};
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      cfg.blockDim = dim3(g.threads);
+      cfg.gridDim = dim3(static_cast<unsigned>(g.ctas * num_sms(device)));
+      cfg.dynamicSmemBytes = smem;
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
+      resident = n;
+    } else {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, g.threads, smem));
+      resident = static_cast<int64_t>(per_sm) * num_sms(device);
+    }
+    const std::lock_guard<std::mutex> lock(mutex);
+    cache[key] = resident;
+  }
+  const int64_t groups = std::min<int64_t>(resident, (rows + g.rows_per_cta - 1) / g.rows_per_cta);
+  if (std::getenv("DEEPKERN_LNG_DEBUG")) {  // once per geometry
+    char line[160];
+    std::snprintf(line, sizeof(line), "layernorm_gelu ring: threads %d (tpr %d x %d rows) x %d ctas, iters %d, smem %zu, resident %lld\n",
+                  g.threads, g.tpr, g.rows_per_cta, g.ctas, g.iters, smem, static_cast<long long>(resident));
+    static thread_local std::string last;
+    if (last != line) std::fputs(line, stderr), last = line;
+  }
+  return groups;
+}
+
+template <typename Kernel, typename Params>
+void ring_launch(Kernel kernel, const Ring& g, int64_t groups, size_t smem, cudaStream_t stream,
+                 const Params& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(groups * g.ctas));
+  cfg.blockDim = dim3(g.threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr = {};
+  if (g.ctas > 1) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim = {static_cast<unsigned>(g.ctas), 1, 1};
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, g.tpr, g.ctas));
+}
+
+// Ring bytes: per thread and stage, ITERS vectors of x and of dy, and the row's mean and rstd.
+constexpr size_t ring_bytes(int iters, int threads) {
+  return static_cast<size_t>(lngelu::kRingStages) * threads * (2 * iters * 16 + 8);
+}
+
+// Returns the number of partial rows, 0 where the ring kernel does not apply.
+template <typename T, typename PT, bool TANH, typename Alloc>
+int64_t launch_bwd_ring(const BwdParams& p, int device, cudaStream_t stream, Alloc&& alloc_parts) {
+  const Ring g = ring_geometry(p.n / (16 / static_cast<int>(sizeof(T))), p.rows, device);
+  if (g.iters == 0) return 0;
+  auto run = [&](auto iters_c) -> int64_t {
+    constexpr int kIters = decltype(iters_c)::value;
+    const auto kernel = lngelu::bwd_ring_kernel<T, PT, kIters, TANH>;
+    const size_t smem = ring_bytes(kIters, g.threads);
+    const int64_t groups = ring_groups(kernel, g, smem, ring_bytes(kIters, 1024 / kIters), p.rows, device);
+    if (groups == 0) return 0;
+    const int64_t walkers = groups * g.rows_per_cta;
+    BwdParams q = p;
+    alloc_parts(walkers, q);
+    ring_launch(kernel, g, groups, smem, stream, q);
+    return walkers;
+  };
+  return g.iters == 2 ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{});
+}
 
 // Rows too long for fwd_rows_kernel: fwd_split_kernel with the row split over a thread cluster
 // of up to 8 CTAs (sm_90a builds on sm_90 GPUs; 8 vectors per thread at up to 256 threads per
@@ -202,6 +352,14 @@ int64_t launch_bwd(BwdParams p, const RowsConfig& cfg, const at::Tensor& x, int 
     p.dw_part = p.w ? dw_part.data_ptr<float>() : nullptr;
     p.db_part = p.b ? db_part.data_ptr<float>() : nullptr;
   };
+  if constexpr (VEC == 16 / sizeof(T)) {
+    const int64_t walkers = launch_bwd_ring<T, PT, TANH>(p, device, stream, [&](int64_t slots, BwdParams& q) {
+      alloc_parts(slots);
+      q.dw_part = p.dw_part;
+      q.db_part = p.db_part;
+    });
+    if (walkers > 0) return walkers;
+  }
   if (cfg.iters != 0) {
     auto run = [&](auto kernel) {
       const size_t smem = 0;

@@ -166,10 +166,11 @@ class _EagerLayerNormGELU(torch.autograd.Function):
     _make_backward)."""
 
     @staticmethod
-    def forward(ctx, backend, x, weight, bias, residual, eps, rmsnorm, tanh):
-        y, h, mean, rstd = _EAGER[backend][0](x, weight, bias, residual, eps, rmsnorm, tanh)
+    def forward(ctx, backends, x, weight, bias, residual, eps, rmsnorm, tanh):
+        forward, backward = backends  # e.g. Triton's forward with CUDA's backward under "auto"
+        y, h, mean, rstd = _EAGER[forward][0](x, weight, bias, residual, eps, rmsnorm, tanh)
         ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
-        ctx.backend = backend
+        ctx.backend = backward
         ctx.flags = (rmsnorm, tanh, residual is not None)
         if residual is None:
             ctx.mark_non_differentiable(h)
@@ -237,17 +238,20 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
     return reasons
 
 
-def _auto_order(n: int, training: bool) -> tuple[str, ...]:
-    # Measured on H100, bf16 (bench/results/h100.json, commit d982790).
-    # Forward+backward through eager autograd: Triton at hidden 5120 and 8192 (16384x8192: 575
-    # us vs CUDA 716; 32768x5120: 846 vs 1011), the CUDA pair elsewhere (8192x12288: 697 vs
-    # 851; 65536x1024: 424 vs 752, where the Triton pair's host time dominates; 4096x65536:
-    # 1688 vs 1750). The Triton pair's host time (~590 us per call on that machine's CPU) is
-    # close to its GPU time at 16384x8192, so on a slower host CUDA may win there.
-    # Forward alone: Triton, except rows past 40960 (4096x65536: CUDA's cluster-split kernel
-    # 512 us, Triton's two-pass loop 570; 4096x40000: Triton 289, CUDA 354).
-    if training:
-        return ("triton", "cuda", "torch") if 2048 < n <= 8192 else ("cuda", "triton", "torch")
+def _auto_order(n: int, backward: bool) -> tuple[str, ...]:
+    """Preference for the forward or the backward kernels; a training call under "auto" may
+    run the forward of one backend and the backward of the other (both save the same fp32
+    mean and rstd)."""
+    # Measured on H100, bf16 (scripts/tune_layernorm_gelu.py and the bench).
+    # Backward: CUDA at every bench shape (its copy-ring kernel: 16384x8192 296 us vs Triton
+    # 390; 32768x5120 420 vs 575; 8192x12288 310 vs 418; 65536x1024 164 vs 197; 4096x65536
+    # 854 vs 1125).
+    # Forward: Triton (16384x8192 186 vs 213; 32768x5120 231 vs 279; 8192x12288 143 vs 165),
+    # except rows past 40960 (4096x65536: CUDA's cluster-split kernel 512 us, Triton's two-pass
+    # loop 570) and, when a backward follows, rows of <= 2048 (65536x1024: 97 vs 104 us, less
+    # than the Triton launcher's extra host time per call).
+    if backward:
+        return ("cuda", "triton", "torch")
     if n > 40960:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
@@ -294,8 +298,13 @@ def layernorm_gelu(
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual)
     )
-    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, n), _auto_order(n, training))
-    if choice == "torch" or x.numel() == 0:
+    reasons = _reasons(x.device, x.dtype, n)
+    backward = _backend.choose(OP, backend, reasons, _auto_order(n, True)) if training else None
+    if training and n <= 2048:
+        choice = backward  # one backend: the mixed pair's extra host time outweighs its gain
+    else:
+        choice = _backend.choose(OP, backend, reasons, _auto_order(n, False))
+    if choice == "torch" or backward == "torch" or x.numel() == 0:
         return layernorm_gelu_ref(x, weight, bias, eps, approximate, residual, norm)
     shape = x.shape
     args = (
@@ -308,9 +317,9 @@ def layernorm_gelu(
         approximate == "tanh",
     )
     if torch.compiler.is_compiling():
-        y, h, _, _ = _fwd_op(choice)(*args)
+        y, h, _, _ = _fwd_op(backward or choice)(*args)  # the custom op's backward is its own
     elif training:
-        y, h = _EagerLayerNormGELU.apply(choice, *args)
+        y, h = _EagerLayerNormGELU.apply((choice, backward), *args)
     else:
         y, h, _, _ = _EAGER[choice][0](*args)
     y = y.view(shape)
