@@ -31,8 +31,9 @@ TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_w
               {"max_row_block": 0, "chunk": 0, "block": 4096, "num_warps": 16}]
 # {} is the default: widths that are not a power of two as two power-of-two chunks (5120 =
 # 4096 + 1024, 12288 = 8192 + 4096); two_chunks=False: one padded block (12288: two kernels).
+# The prefetch is on by default up to 9216 columns (off for 10240, 12288).
 TRITON_BWD = [{}, {"two_chunks": False}, {"num_warps": 8}, {"num_warps": 32}, {"prefetch": False},
-              {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]
+              {"prefetch": True}, {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]
 
 
 def bench(fn):

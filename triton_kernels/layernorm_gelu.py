@@ -449,7 +449,7 @@ def _bwd_rows_kernel(
             if BLOCK_B > 0:
                 x_raw_b = tl.load(X + row64 * stride_x + cols_b, mask=mask_b, other=0.0)
                 dy_raw_b = tl.load(DY + row64 * stride_dy + cols_b, mask=mask_b, other=0.0)
-        x = x_raw.to(tl.float32)
+        x = x_raw.to(tl.float32)  # before the statistics' loads: the one-block kernel's order
         dy = dy_raw.to(tl.float32)
         rstd = tl.load(Rstd + row)
         mean = tl.load(Mean + row)
