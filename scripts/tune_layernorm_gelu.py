@@ -33,7 +33,10 @@ TRITON_FWD = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_w
 # 4096 + 1024, 12288 = 8192 + 4096); two_chunks=False: one padded block (12288: two kernels).
 # The prefetch is on by default up to 9216 columns (off for 10240, 12288).
 TRITON_BWD = [{}, {"two_chunks": False}, {"num_warps": 8}, {"num_warps": 32}, {"prefetch": False},
-              {"prefetch": True}, {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4}]
+              {"prefetch": True}, {"num_warps": 8, "per_sm": 2}, {"num_warps": 4, "per_sm": 4},
+              {"stages": 2}, {"stages": 3}, {"stages": 4}, {"stages": 3, "per_sm": 2}]
+TRITON_BWD_QUICK = [{}, {"stages": 2}, {"stages": 3}, {"stages": 4}, {"stages": 3, "per_sm": 2},
+                    {"stages": 3, "num_warps": 8}]
 
 
 def bench(fn):
@@ -50,6 +53,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--shapes")
     ap.add_argument("--cuda-only", action="store_true", help="skip the Triton sweeps")
+    ap.add_argument("--triton-bwd-only", action="store_true", help="only the Triton backward sweep")
     args = ap.parse_args()
     shapes = SHAPES
     if args.shapes:
@@ -66,8 +70,9 @@ def main():
         bwd_floor = 3 * elems / 3.0e12 * 1e6
         print(f"\n== {rows}x{n} bf16: floors fwd {fwd_floor:.0f} us, bwd {bwd_floor:.0f} us (at 3.0 TB/s)")
         cu = torch.ops.deepkern
-        y0, _, mean, rstd = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)
-        dx0, dw0, db0 = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
+        ref = tk if args.triton_bwd_only else cu  # the Triton-only sweep runs without the CUDA build
+        y0, _, mean, rstd = ref.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)
+        dx0, dw0, db0 = ref.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
 
         def record(kind, name, us, err):
             floor = fwd_floor if kind == "fwd" else bwd_floor
@@ -76,7 +81,7 @@ def main():
             flag = "" if err < 1e-2 else "  <-- WRONG"
             print(f"  {kind} {name:<28} {us:8.1f} us  {floor / us:5.0%} of copy  err {err:.1e}{flag}")
 
-        for env in FWD_ENVS:
+        for env in [] if args.triton_bwd_only else FWD_ENVS:
             os.environ.update(env)
             y = cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False)[0]
             record("fwd", f"cuda {env or 'default'}",
@@ -84,7 +89,7 @@ def main():
                    relerr(y, y0))
             for key in env:
                 os.environ.pop(key)
-        for env in BWD_ENVS:
+        for env in [] if args.triton_bwd_only else BWD_ENVS:
             os.environ.update(env)
             dx, dw, _ = cu.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False)
             record("bwd", f"cuda {env or 'default'}",
@@ -93,7 +98,7 @@ def main():
             for key in env:
                 os.environ.pop(key)
         # The GELU's share: the same kernels with the (cheaper) tanh form, and rmsnorm.
-        for tanh, rms in ((True, False), (False, True)):
+        for tanh, rms in () if args.triton_bwd_only else ((True, False), (False, True)):
             tag = "tanh" if tanh else "rms"
             record("fwd", f"cuda default {tag}",
                    bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, rms, tanh)), 0.0)
@@ -103,7 +108,7 @@ def main():
         record("fwd", "torch copy_ (x -> y)", bench(lambda: scratch.copy_(x)), 0.0)
         del scratch
 
-        for cfg in [] if args.cuda_only else TRITON_FWD:
+        for cfg in [] if args.cuda_only or args.triton_bwd_only else TRITON_FWD:
             try:
                 y = tk.layernorm_gelu_fwd(x, w, b, None, 1e-5, False, False, cfg)[0]
                 torch.cuda.synchronize()
@@ -112,7 +117,7 @@ def main():
                        relerr(y, y0))
             except Exception as exc:  # noqa: BLE001
                 print(f"  triton fwd {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-        for cfg in [] if args.cuda_only else TRITON_BWD:
+        for cfg in [] if args.cuda_only else TRITON_BWD_QUICK if args.triton_bwd_only else TRITON_BWD:
             try:
                 dx, dw, _ = tk.layernorm_gelu_bwd(dy, x, w, b, mean, rstd, False, False, cfg)
                 record("bwd", f"triton {cfg}",

@@ -269,10 +269,11 @@ def _check_triton_bwd(x, w, b, dy, norm, approximate, config):
 def test_backward_two_chunks(device, dtype, n):
     """Widths the Triton backward holds as two power-of-two chunks (24 = 16 + 8, ..., 12288 =
     8192 + 4096; 1000: one padded block), layernorm and rmsnorm, with and without weight and
-    bias; several rows per program (per_sm=1) with and without the prefetch; and the single
-    padded block (two_chunks=False; 12288: the two-kernel path) against the same reference."""
+    bias; several rows per program (per_sm=1) with and without the prefetch, and with the row
+    loop pipelined (stages=3); and the single padded block (two_chunks=False; 12288: the
+    two-kernel path) against the same reference."""
     configs = [None, {"two_chunks": False}, {"per_sm": 1, "prefetch": True},
-               {"per_sm": 1, "prefetch": False}]
+               {"per_sm": 1, "prefetch": False}, {"per_sm": 1, "stages": 3}]
     variants = [
         dict(norm="layernorm"),
         dict(norm="rmsnorm", bias=False),

@@ -402,7 +402,7 @@ def _bwd_rows_kernel(
     DY, X, W, B, Mean, Rstd, DX, DWp, DBp,
     n_rows, N, stride_dy, stride_x, inv_n,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, TANH: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Persistent programs over rows; a row in registers as chunk A = columns [0, BLOCK_A) and,
     when BLOCK_B > 0, chunk B = [BLOCK_A, BLOCK_A + BLOCK_B), both masked by cols < N (5120 =
@@ -430,7 +430,10 @@ def _bwd_rows_kernel(
         if BLOCK_B > 0:
             x_next_b = _bwd_fetch(X, first, stride_x, n_rows, cols_b, mask_b)
             dy_next_b = _bwd_fetch(DY, first, stride_dy, n_rows, cols_b, mask_b)
-    for row in range(pid, n_rows, step):
+    # STAGES > 1: Triton's pipeliner copies the loads of the rows STAGES - 1 steps ahead into
+    # shared memory (cp.async), as the CUDA backward's copy ring does, instead of PREFETCH's
+    # registers.
+    for row in tl.range(pid, n_rows, step, num_stages=STAGES):
         row64 = tl.cast(row, tl.int64)
         if PREFETCH:
             x_raw = x_next
@@ -451,8 +454,13 @@ def _bwd_rows_kernel(
                 dy_raw_b = tl.load(DY + row64 * stride_dy + cols_b, mask=mask_b, other=0.0)
         x = x_raw.to(tl.float32)  # before the statistics' loads: the one-block kernel's order
         dy = dy_raw.to(tl.float32)
-        rstd = tl.load(Rstd + row)
-        mean = tl.load(Mean + row)
+        if STAGES > 1:  # as 1-element tensors, which the pipeliner copies ahead too
+            one = tl.arange(0, 1)
+            rstd = tl.sum(tl.load(Rstd + row + one), axis=0)
+            mean = tl.sum(tl.load(Mean + row + one), axis=0)
+        else:
+            rstd = tl.load(Rstd + row)
+            mean = tl.load(Mean + row)
         xhat, dxhat, dw, db = _bwd_grads(x, dy, w, b, mask, mean, rstd, dw, db, TANH, WIDE, FAST)
         sums = _bwd_sums(dxhat, xhat, RMS)
         if BLOCK_B > 0:
@@ -723,13 +731,19 @@ def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dic
         # the warps of the padded block, programs by BLOCK_A (H100 bf16 32768x3072: 2 per SM
         # 263 us, 1 per SM 353), no prefetch past 9216 (it spills; 8192x12288: 427 us vs 487).
         per_sm = config.get("per_sm", max(1, min(8, 4096 // block_a)))
+        # stages > 1 (config only, not yet the default): the row loop pipelined through shared
+        # memory. H100 bf16, stages 4 vs today's register prefetch (outputs bitwise equal for
+        # bf16/fp16/fp32, widths 96-12288): 16384x8192 285 vs 391 us, 32768x5120 465 vs 573,
+        # 65536x1024 165 vs 197; 8192x12288 611 vs 426 (spills). Needs (stages - 1) x 2 rows of
+        # shared memory.
+        stages = config.get("stages", 1)
         warps = max(4, min(16, triton.next_power_of_2(total) // 512))
         programs = min(rows, per_sm * _num_programs_per_device(x.device))
         dwp, dbp = torch.empty((2, programs, n), dtype=torch.float32, device=x.device).unbind(0)
         launch(_bwd_rows_kernel, (programs,),
                (dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n),
-               dict(flags, BLOCK_A=block_a, BLOCK_B=block_b,
-                    PREFETCH=config.get("prefetch", total <= 9216)),
+               dict(flags, BLOCK_A=block_a, BLOCK_B=block_b, STAGES=stages,
+                    PREFETCH=config.get("prefetch", total <= 9216 and stages == 1)),
                num_warps=config.get("num_warps", warps))
     else:
         c1, c2 = torch.empty((2, rows), dtype=torch.float32, device=x.device).unbind(0)
