@@ -14,7 +14,7 @@ phi(z) = exp(-z*z/2) / sqrt(2 pi).
 
 Run: python scripts/fit_gelu_phi.py  (prints C and Q for each degree, and the maximum relative
 error of Phi evaluated in float32 arithmetic like the kernels). The kernels hold degree 6 for
-fp16/bf16 outputs and degree 8 for fp32 (triton_kernels/layernorm_gelu.py,
+fp16/bf16 outputs and degree 8 for fp32 (triton_kernels/layernorm_gelu_common.py,
 csrc/layernorm_gelu/kernels.cuh).
 """
 

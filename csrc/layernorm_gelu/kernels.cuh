@@ -51,7 +51,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
 // fp16 ulp), degree 8 for fp32 (6e-7 for |z| <= 2, 3e-6 at z = -6). libdevice erff costs ~23
 // instructions per element against 11 + degree here, and 0.5 * (1 + erf(z / sqrt 2)) cancels
 // to nothing for z < -4, where this form keeps its relative accuracy. Same constants as the
-// Triton kernels (triton_kernels/layernorm_gelu.py). Returns t * Q(t) = Phi(-|z|) / e;
+// Triton kernels (triton_kernels/layernorm_gelu_common.py). Returns t * Q(t) = Phi(-|z|) / e;
 // *e = exp(-z*z/2).
 template <bool WIDE>
 __device__ __forceinline__ float phi_tail_over_e(float z, float* e) {

@@ -2,7 +2,7 @@
 
 Public function -> validation -> backend choice -> one of
     torch.ops.deepkern.layernorm_gelu_fwd / _bwd          (CUDA, csrc/layernorm_gelu/)
-    torch.ops.deepkern_triton.layernorm_gelu_fwd / _bwd   (Triton, triton_kernels/layernorm_gelu.py)
+    torch.ops.deepkern_triton.layernorm_gelu_fwd / _bwd   (Triton, triton_kernels/layernorm_gelu*.py)
     deepkern.reference.layernorm_gelu_ref                 (torch)
 Both kernel backends share the op schema, the fake implementations and the autograd wiring
 below; the backward op is an op too, so torch.compile and CUDA graphs see the whole thing.
