@@ -322,6 +322,7 @@ def test_backward_auto_mixed_backends():
     from deepkern.ops.layernorm_gelu import _auto_order
 
     assert _auto_order(5120, False)[0] == "triton" and _auto_order(5120, True)[0] == "cuda"
+    assert _auto_order(1024, False, training=True)[0] == "cuda"  # one backend for short rows
     for shape in [(777, 5120), (300, 12288), (5, 3, 4096)]:
         _check_backward(shape, torch.bfloat16, "cuda", "auto")
         _check_backward(shape, torch.float16, "cuda", "auto", residual=True, norm="rmsnorm",

@@ -51,11 +51,11 @@ __global__ void __launch_bounds__(1024 / ITERS, 1) bwd_ring_kernel(BwdParams p, 
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const bool ok = row_ok && vec_ok[i];
-      cp_async16(slot(fetch_stage, 0, i), ok ? fx + i * tpr * VEC : p.x, ok);
-      cp_async16(slot(fetch_stage, 1, i), ok ? fdy + i * tpr * VEC : p.dy, ok);
+      cp_async<16>(slot(fetch_stage, 0, i), ok ? fx + i * tpr * VEC : p.x, ok);
+      cp_async<16>(slot(fetch_stage, 1, i), ok ? fdy + i * tpr * VEC : p.dy, ok);
     }
-    cp_async4(&stats[fetch_stage * nt].x, row_ok ? p.mean + fetch_row : p.mean, row_ok);
-    cp_async4(&stats[fetch_stage * nt].y, row_ok ? p.rstd + fetch_row : p.rstd, row_ok);
+    cp_async<4>(&stats[fetch_stage * nt].x, row_ok ? p.mean + fetch_row : p.mean, row_ok);
+    cp_async<4>(&stats[fetch_stage * nt].y, row_ok ? p.rstd + fetch_row : p.rstd, row_ok);
     cp_async_commit();
     fetch_row += stride;
     fx += fx_step;
@@ -225,6 +225,16 @@ __global__ void __launch_bounds__(1024 / ITERS) bwd_rows_kernel(BwdParams p, int
   }
 }
 
+// dL/dz at element j of the fallback kernels, z = xhat * w + b (weight 1, bias 0 when absent).
+template <bool TANH, typename T, int VEC>
+__device__ __forceinline__ float fallback_dz(const BwdParams& p, float xhat, float dy,
+                                             const float (&w)[VEC], const float (&b)[VEC], int j) {
+  float z = xhat;
+  if (p.w) z *= w[j];
+  if (p.b) z += b[j];
+  return dy * gelu_grad<TANH, T>(z);
+}
+
 // Fallback backward for long rows, step 1: per-row c1 = mean(dxhat), c2 = mean(dxhat * xhat).
 template <typename T, int VEC, bool TANH>
 __global__ void __launch_bounds__(1024) bwd_stats_kernel(BwdParams p) {
@@ -243,10 +253,7 @@ __global__ void __launch_bounds__(1024) bwd_stats_kernel(BwdParams p) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float xhat = (x[j] - mean) * rstd;
-      float z = xhat;
-      if (p.w) z *= w[j];
-      if (p.b) z += b[j];
-      float dxhat = dy[j] * gelu_grad<TANH, T>(z);
+      float dxhat = fallback_dz<TANH, T>(p, xhat, dy[j], w, b, j);
       if (p.w) dxhat *= w[j];
       c1 += dxhat;
       c2 += dxhat * xhat;
@@ -280,10 +287,7 @@ __global__ void __launch_bounds__(256) bwd_tiles_kernel(BwdParams p, int64_t row
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float xhat = (x[j] - mean) * rstd;
-      float z = xhat;
-      if (p.w) z *= w[j];
-      if (p.b) z += b[j];
-      const float dz = dy[j] * gelu_grad<TANH, T>(z);
+      const float dz = fallback_dz<TANH, T>(p, xhat, dy[j], w, b, j);
       dw[j] += dz * xhat;
       db[j] += dz;
       const float dxhat = p.w ? dz * w[j] : dz;

@@ -150,6 +150,15 @@ Ring ring_geometry(int nvec, int64_t rows, int device) {
   return g;
 }
 
+// Makes `cfg` launch clusters of `ctas` CTAs along x (`attr` must outlive the launch).
+void set_cluster(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, int ctas) {
+  attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim = {static_cast<unsigned>(ctas), 1, 1};
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+}
+
 // Clusters (or CTAs) of `kernel` resident at once, at most what `rows` need; 0 if none fits.
 // Cached per (kernel, geometry, device): the occupancy calls cost host time on every call.
 template <typename Kernel>
@@ -177,11 +186,8 @@ int64_t ring_groups(Kernel kernel, const Ring& g, size_t smem, size_t max_smem, 
     if (g.ctas > 1) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       cudaLaunchConfig_t cfg = {};
-      cudaLaunchAttribute attr = {};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim = {static_cast<unsigned>(g.ctas), 1, 1};
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
+      cudaLaunchAttribute attr;
+      set_cluster(cfg, attr, g.ctas);
       cfg.blockDim = dim3(g.threads);
       cfg.gridDim = dim3(static_cast<unsigned>(g.ctas * num_sms(device)));
       cfg.dynamicSmemBytes = smem;
@@ -215,13 +221,8 @@ void ring_launch(Kernel kernel, const Ring& g, int64_t groups, size_t smem, cuda
   cfg.blockDim = dim3(g.threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr = {};
-  if (g.ctas > 1) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim = {static_cast<unsigned>(g.ctas), 1, 1};
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-  }
+  cudaLaunchAttribute attr;
+  if (g.ctas > 1) set_cluster(cfg, attr, g.ctas);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, g.tpr, g.ctas));
 }
 
@@ -230,9 +231,10 @@ constexpr size_t ring_bytes(int iters, int threads) {
   return static_cast<size_t>(lngelu::kRingStages) * threads * (2 * iters * 16 + 8);
 }
 
-// Returns the number of partial rows, 0 where the ring kernel does not apply.
+// Returns the number of partial rows, 0 where the ring kernel does not apply. alloc_parts(n)
+// allocates n partial rows and points p's dw_part/db_part at them.
 template <typename T, typename PT, bool TANH, typename Alloc>
-int64_t launch_bwd_ring(const BwdParams& p, int device, cudaStream_t stream, Alloc&& alloc_parts) {
+int64_t launch_bwd_ring(BwdParams& p, int device, cudaStream_t stream, Alloc&& alloc_parts) {
   const Ring g = ring_geometry(p.n / (16 / static_cast<int>(sizeof(T))), p.rows, device);
   if (g.iters == 0) return 0;
   auto run = [&](auto iters_c) -> int64_t {
@@ -242,9 +244,8 @@ int64_t launch_bwd_ring(const BwdParams& p, int device, cudaStream_t stream, All
     const int64_t groups = ring_groups(kernel, g, smem, ring_bytes(kIters, 1024 / kIters), p.rows, device);
     if (groups == 0) return 0;
     const int64_t walkers = groups * g.rows_per_cta;
-    BwdParams q = p;
-    alloc_parts(walkers, q);
-    ring_launch(kernel, g, groups, smem, stream, q);
+    alloc_parts(walkers);
+    ring_launch(kernel, g, groups, smem, stream, p);
     return walkers;
   };
   return g.iters == 2 ? run(std::integral_constant<int, 2>{}) : run(std::integral_constant<int, 1>{});
@@ -284,13 +285,8 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
     cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
     cfg.blockDim = dim3(threads);
     cfg.stream = stream;
-    cudaLaunchAttribute attr = {};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = ctas;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    set_cluster(cfg, attr, ctas);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>, p, ctas));
     return true;
   }
@@ -332,14 +328,10 @@ void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStrea
 
 // Persistent launch: as many walkers as fit on the GPU at once (capped by the rows).
 template <typename Kernel>
-int64_t walkers_for(Kernel kernel, const RowsConfig& cfg, int64_t rows, int device, size_t smem,
-                    int64_t& ctas) {
+int64_t walkers_for(Kernel kernel, const RowsConfig& cfg, int64_t rows, int device, int64_t& ctas) {
   const int threads = threads_for(cfg);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int rows_per_cta = threads / cfg.tpr;
   ctas = std::min<int64_t>((rows + rows_per_cta - 1) / rows_per_cta,
                            static_cast<int64_t>(std::max(per_sm, 1)) * num_sms(device));
@@ -359,20 +351,15 @@ int64_t launch_bwd(BwdParams p, const RowsConfig& cfg, const at::Tensor& x, int 
     p.db_part = p.b ? db_part.data_ptr<float>() : nullptr;
   };
   if constexpr (VEC == 16 / sizeof(T)) {
-    const int64_t walkers = launch_bwd_ring<T, PT, TANH>(p, device, stream, [&](int64_t slots, BwdParams& q) {
-      alloc_parts(slots);
-      q.dw_part = p.dw_part;
-      q.db_part = p.db_part;
-    });
+    const int64_t walkers = launch_bwd_ring<T, PT, TANH>(p, device, stream, alloc_parts);
     if (walkers > 0) return walkers;
   }
   if (cfg.iters != 0) {
     auto run = [&](auto kernel) {
-      const size_t smem = 0;
       int64_t ctas = 0;
-      const int64_t walkers = walkers_for(kernel, cfg, p.rows, device, smem, ctas);
+      const int64_t walkers = walkers_for(kernel, cfg, p.rows, device, ctas);
       alloc_parts(walkers);
-      kernel<<<ctas, threads_for(cfg), smem, stream>>>(p, cfg.tpr);
+      kernel<<<ctas, threads_for(cfg), 0, stream>>>(p, cfg.tpr);
       return walkers;
     };
     switch (cfg.iters) {

@@ -11,6 +11,7 @@
 #include <cooperative_groups.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/vec.cuh"
 
@@ -19,26 +20,22 @@ namespace deepkern::lngelu {
 constexpr int kRingStages = 3;
 constexpr int kMaxClusterRing = 16;  // H100: 16 with the non-portable cluster size attribute
 
-// 16 bytes global -> shared without registers (sm_80+), zero-filled when !ok (then `gmem`
-// is not read).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
+// kBytes (16 or 4) global -> shared without registers (sm_80+), zero-filled when !ok (then
+// `gmem` is not read). 16 bytes bypass L1 (.cg); smaller copies must go through it (.ca).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool ok) {
+  static_assert(kBytes == 16 || kBytes == 4, "16- or 4-byte copies");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0)
-               : "memory");
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 16 : 0)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 4 : 0)
+                 : "memory");
 #else
-  *static_cast<uint4*>(smem) = ok ? *static_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-// The same for 4 bytes.
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(ok ? 4 : 0)
-               : "memory");
-#else
-  *static_cast<uint32_t*>(smem) = ok ? *static_cast<const uint32_t*>(gmem) : 0u;
+  using Word = std::conditional_t<kBytes == 16, uint4, uint32_t>;
+  *static_cast<Word*>(smem) = ok ? *static_cast<const Word*>(gmem) : Word{};
 #endif
 }
 

@@ -238,10 +238,10 @@ def _reasons(device: torch.device, dtype: torch.dtype, n: int) -> dict[str, str 
     return reasons
 
 
-def _auto_order(n: int, backward: bool) -> tuple[str, ...]:
-    """Preference for the forward or the backward kernels; a training call under "auto" may
-    run the forward of one backend and the backward of the other (both save the same fp32
-    mean and rstd)."""
+def _auto_order(n: int, backward: bool, training: bool = False) -> tuple[str, ...]:
+    """Preference for the backward kernels, or for the forward's (of a training call when
+    `training`); a training call under "auto" may run the forward of one backend and the
+    backward of the other (both save the same fp32 mean and rstd)."""
     # Measured on H100, bf16 (scripts/tune_layernorm_gelu.py and the bench).
     # Backward: CUDA at every bench shape (its copy-ring kernel: 16384x8192 296 us vs Triton
     # 390; 32768x5120 420 vs 575; 8192x12288 310 vs 418; 65536x1024 164 vs 197; 4096x65536
@@ -250,7 +250,7 @@ def _auto_order(n: int, backward: bool) -> tuple[str, ...]:
     # except rows past 40960 (4096x65536: CUDA's cluster-split kernel 512 us, Triton's two-pass
     # loop 570) and, when a backward follows, rows of <= 2048 (65536x1024: 97 vs 104 us, less
     # than the Triton launcher's extra host time per call).
-    if backward:
+    if backward or (training and n <= 2048):
         return ("cuda", "triton", "torch")
     if n > 40960:
         return ("cuda", "triton", "torch")
@@ -300,10 +300,7 @@ def layernorm_gelu(
     )
     reasons = _reasons(x.device, x.dtype, n)
     backward = _backend.choose(OP, backend, reasons, _auto_order(n, True)) if training else None
-    if training and n <= 2048:
-        choice = backward  # one backend: the mixed pair's extra host time outweighs its gain
-    else:
-        choice = _backend.choose(OP, backend, reasons, _auto_order(n, False))
+    choice = _backend.choose(OP, backend, reasons, _auto_order(n, False, training))
     if choice == "torch" or backward == "torch" or x.numel() == 0:
         return layernorm_gelu_ref(x, weight, bias, eps, approximate, residual, norm)
     shape = x.shape
