@@ -10,7 +10,7 @@ import triton.language as tl
 from deepkern._backend import on_device
 
 from ._launch import launch
-from .layernorm_gelu_common import LOOP_BLOCK, _gelu_grad, _num_programs_per_device
+from .layernorm_gelu_common import LOOP_BLOCK, _gelu_grad, _num_programs_per_device, _shared_memory
 
 # Backward in registers: one row block up to MAX_ONE_BLOCK_BWD (above, it spills: x, dy, w, b,
 # dw, db per element; H100 8192x12288 bf16 as one 16384 block 1851 us, the two-kernel path
@@ -263,9 +263,30 @@ def _sum_partials(dwp: torch.Tensor, dbp: torch.Tensor, dw: torch.Tensor, db: to
            dict(BLOCK_P=32, BLOCK_N=block_n), num_warps=4)
 
 
+# The row loop pipelined through shared memory: Triton's pipeliner cp.async-copies x and dy of
+# the rows STAGES - 1 steps ahead, as the CUDA backward's copy ring does. H100 bf16, 4 stages vs
+# the register prefetch (outputs bitwise equal for bf16/fp16/fp32, widths 96-12288): 16384x8192
+# 285 vs 391 us, 32768x5120 465 vs 573, 65536x1024 165 vs 197. Past 9216 columns the row does
+# not fit in registers with its copies in flight (8192x12288: 611 vs 426 us, spills): 1 stage.
+MAX_STAGES_BWD = 4
+MAX_PREFETCH_BWD = 9216  # register prefetch spills past this (8192x12288: 427 us without, 487 with)
+_SMEM_RESERVE = 16 * 1024  # the kernel's own shared memory (cross-warp reductions) and slack
+
+
+def _bwd_stages(total: int, itemsize: int, per_sm: int, device: torch.device) -> int:
+    """Pipeline depth of the rows kernel: up to MAX_STAGES_BWD while (stages - 1) rows of x and
+    dy fit in a program's share of the SM's shared memory; 1 (no pipelining) otherwise."""
+    if total > MAX_PREFETCH_BWD:
+        return 1
+    per_block, per_sm_bytes = _shared_memory(device)
+    budget = min(per_block, per_sm_bytes // per_sm) - _SMEM_RESERVE
+    stages = min(MAX_STAGES_BWD, 1 + budget // (2 * total * itemsize))
+    return stages if stages >= 2 else 1
+
+
 def layernorm_gelu_bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool,
                        config: dict | None = None):
-    """`config` overrides the launch choices (num_warps, per_sm, prefetch, max_row_block, block,
+    """`config` overrides the launch choices (num_warps, per_sm, prefetch, stages, max_row_block, block,
     two_chunks: False = one padded power-of-two block) for tuning sweeps."""
     with on_device(x.device):
         return _bwd(dy, x, weight, bias, mean, rstd, rmsnorm, tanh, config or {})
@@ -296,19 +317,14 @@ def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dic
         # the warps of the padded block, programs by BLOCK_A (H100 bf16 32768x3072: 2 per SM
         # 263 us, 1 per SM 353), no prefetch past 9216 (it spills; 8192x12288: 427 us vs 487).
         per_sm = config.get("per_sm", max(1, min(8, 4096 // block_a)))
-        # stages > 1 (config only, not yet the default): the row loop pipelined through shared
-        # memory. H100 bf16, stages 4 vs today's register prefetch (outputs bitwise equal for
-        # bf16/fp16/fp32, widths 96-12288): 16384x8192 285 vs 391 us, 32768x5120 465 vs 573,
-        # 65536x1024 165 vs 197; 8192x12288 611 vs 426 (spills). Needs (stages - 1) x 2 rows of
-        # shared memory.
-        stages = config.get("stages", 1)
+        stages = config.get("stages", _bwd_stages(total, x.element_size(), per_sm, x.device))
         warps = max(4, min(16, triton.next_power_of_2(total) // 512))
         programs = min(rows, per_sm * _num_programs_per_device(x.device))
         dwp, dbp = torch.empty((2, programs, n), dtype=torch.float32, device=x.device).unbind(0)
         launch(_bwd_rows_kernel, (programs,),
                (dy, x, w, b, mean, rstd, dx, dwp, dbp, rows, n, dy.stride(0), x.stride(0), 1.0 / n),
                dict(flags, BLOCK_A=block_a, BLOCK_B=block_b, STAGES=stages,
-                    PREFETCH=config.get("prefetch", total <= 9216 and stages == 1)),
+                    PREFETCH=config.get("prefetch", total <= MAX_PREFETCH_BWD and stages == 1)),
                num_warps=config.get("num_warps", warps))
     else:
         c1, c2 = torch.empty((2, rows), dtype=torch.float32, device=x.device).unbind(0)

@@ -110,3 +110,17 @@ def _num_programs_per_device(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:  # cached: every backward call asks (host time, see perf notes)
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _shared_memory(device: torch.device) -> tuple[int, int]:
+    """(opt-in shared memory per block, shared memory per SM) in bytes; the interpreter gets the
+    H100's (227 KB, 228 KB) so it runs the pipelined code paths."""
+    if device.type != "cuda":
+        return 227 * 1024, 228 * 1024
+    return _shared_memory_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_of(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.shared_memory_per_block_optin, props.shared_memory_per_multiprocessor
