@@ -4,7 +4,7 @@ Times the CUDA kernels under each (iters, cluster) override (DEEPKERN_LNG_FWD/BW
 Triton launchers under config overrides, at the bench shapes, checking every output against
 the default configuration. Prints one table per shape; writes JSON with --json.
 
-    python scripts/tune_layernorm_gelu.py [--json PATH] [--shapes 16384x8192,...]
+    python scripts/tune_layernorm_gelu.py [--json PATH] [--shapes 16384x8192,...] [--defaults]
 """
 
 from __future__ import annotations
@@ -54,7 +54,12 @@ def main():
     ap.add_argument("--shapes")
     ap.add_argument("--cuda-only", action="store_true", help="skip the Triton sweeps")
     ap.add_argument("--triton-bwd-only", action="store_true", help="only the Triton backward sweep")
+    ap.add_argument("--defaults", action="store_true",
+                    help="only the default configuration of each backend, forward and backward")
     args = ap.parse_args()
+    global FWD_ENVS, BWD_ENVS, TRITON_FWD, TRITON_BWD
+    if args.defaults:
+        FWD_ENVS, BWD_ENVS, TRITON_FWD, TRITON_BWD = [{}], [{}], [{}], [{}]
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -98,7 +103,7 @@ def main():
             for key in env:
                 os.environ.pop(key)
         # The GELU's share: the same kernels with the (cheaper) tanh form, and rmsnorm.
-        for tanh, rms in () if args.triton_bwd_only else ((True, False), (False, True)):
+        for tanh, rms in () if args.triton_bwd_only or args.defaults else ((True, False), (False, True)):
             tag = "tanh" if tanh else "rms"
             record("fwd", f"cuda default {tag}",
                    bench(lambda: cu.layernorm_gelu_fwd(x, w, b, None, 1e-5, rms, tanh)), 0.0)

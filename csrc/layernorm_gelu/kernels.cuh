@@ -304,19 +304,8 @@ __device__ __forceinline__ uint4 ldg_ordered(const void* ptr) {
   return u;
 }
 
-template <typename PT, int VEC>
-__device__ __forceinline__ void load_param_ordered(const void* base, int col, float (&out)[VEC]) {
-  constexpr int kWords = VEC * sizeof(PT) / 16;
-  static_assert(VEC * sizeof(PT) % 16 == 0, "whole 16-byte vectors");
-  uint4 raw[kWords];
-#pragma unroll
-  for (int k = 0; k < kWords; ++k) raw[k] = ldg_ordered(static_cast<const PT*>(base) + col + k * (16 / sizeof(PT)));
-  const Pack<PT, VEC> pk = *reinterpret_cast<const Pack<PT, VEC>*>(raw);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = to_float(pk.v[j]);
-}
-
-// Element j of a 16-byte pack of T (8 16-bit values or 4 floats), as fp32.
+// Element j of a 16-byte pack of T (8 16-bit values or 4 floats), as fp32: a shift or a mask
+// for bf16 (going through __nv_bfloat16 adds a PRMT per high half).
 template <typename T>
 __device__ __forceinline__ float widen(const uint4& u, int j) {
   if constexpr (sizeof(T) == 4) {
@@ -330,6 +319,17 @@ __device__ __forceinline__ float widen(const uint4& u, int j) {
       return __half2float(__ushort_as_half(h));
     }
   }
+}
+
+template <typename PT, int VEC>
+__device__ __forceinline__ void load_param_ordered(const void* base, int col, float (&out)[VEC]) {
+  constexpr int kPer = 16 / sizeof(PT), kWords = VEC / kPer;  // values per 16 bytes, words
+  static_assert(VEC % kPer == 0, "whole 16-byte vectors");
+  uint4 raw[kWords];
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) raw[k] = ldg_ordered(static_cast<const PT*>(base) + col + k * kPer);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out[j] = widen<PT>(raw[j / kPer], j % kPer);
 }
 
 // Row total of a per-CTA value over the `ctas` CTAs (one thread cluster) that share a row:
@@ -408,16 +408,23 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) opaque(px[i]);
   }
-  float ss = 0.f;
+  // A thread whose vectors all lie inside the row (every thread where the row fills its CTAs)
+  // runs the loops below without a branch per vector (~3 SASS instructions each).
+  const bool full = base + (ITERS - 1) * tpr + t < nvec;
+  auto centered_squares = [&](auto all_inside) {
+    float ss = 0.f;
 #pragma unroll
-  for (int i = 0; i < ITERS; ++i) {
-    if (base + i * tpr + t >= nvec) continue;
+    for (int i = 0; i < ITERS; ++i) {
+      if (!decltype(all_inside)::value && base + i * tpr + t >= nvec) continue;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float d = widen<T>(px[i], j) - mean;
-      ss = fmaf(d, d, ss);
+      for (int j = 0; j < VEC; ++j) {
+        const float d = widen<T>(px[i], j) - mean;
+        ss = fmaf(d, d, ss);
+      }
     }
-  }
+    return ss;
+  };
+  const float ss = full ? centered_squares(std::true_type{}) : centered_squares(std::false_type{});
   const float rstd = rsqrtf(cluster_total(group_sum(ss, warps, scratch[1]), &part[1], ctas) / n + p.eps);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // No CTA may exit while another still reads its `part`: arrive now, wait before exiting.
@@ -427,19 +434,36 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
     p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
+  // Three copies of this phase. With weight and bias (the common case) no per-element defaults
+  // are selected (predicated MOVs in SASS, issued even where the branch is not taken); with
+  // every vector inside the row, no branch per vector.
+  auto affine_gelu = [&](auto with_wb, auto all_inside) {
 #pragma unroll
-  for (int i = 0; i < ITERS; ++i) {
-    const int vi = base + i * tpr + t;
-    if (vi >= nvec) continue;
-    opaque(px[i]);
-    float w[VEC], b[VEC], y[VEC];
+    for (int i = 0; i < ITERS; ++i) {
+      const int vi = base + i * tpr + t;
+      if (!decltype(all_inside)::value && vi >= nvec) continue;
+      opaque(px[i]);
+      float w[VEC], b[VEC], y[VEC];
+      if constexpr (decltype(with_wb)::value) {
+        load_param_ordered<PT, VEC>(p.w, vi * VEC, w);
+        load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
+      } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) w[j] = 1.f, b[j] = 0.f;
-    if (p.w) load_param_ordered<PT, VEC>(p.w, vi * VEC, w);
-    if (p.b) load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
+        for (int j = 0; j < VEC; ++j) w[j] = 1.f, b[j] = 0.f;
+        if (p.w) load_param_ordered<PT, VEC>(p.w, vi * VEC, w);
+        if (p.b) load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
+      }
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) y[j] = gelu<TANH, T>(fmaf((widen<T>(px[i], j) - mean) * rstd, w[j], b[j]));
-    store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, y);
+      for (int j = 0; j < VEC; ++j) y[j] = gelu<TANH, T>(fmaf((widen<T>(px[i], j) - mean) * rstd, w[j], b[j]));
+      store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, y);
+    }
+  };
+  if (p.w && p.b && full) {
+    affine_gelu(std::true_type{}, std::true_type{});
+  } else if (p.w && p.b) {
+    affine_gelu(std::true_type{}, std::false_type{});
+  } else {
+    affine_gelu(std::false_type{}, std::false_type{});
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (ctas > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
