@@ -368,17 +368,21 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[2][32];
   __shared__ float part[2];  // this CTA's sum and centered sum of squares (read by the cluster)
-  const int t = threadIdx.x, tpr = blockDim.x;
+  const int t = threadIdx.x, warps = blockDim.x / 32;
   const int64_t row = blockIdx.x / ctas;
+  const int n = p.n, nvec = n / VEC;
+  // Threads [0, tpr) hold vectors t, t + tpr, ... of this CTA's part; the CTA's last warp may
+  // have threads without any (5120 = 640 vectors: 80 threads of 8 vectors in 96 threads, all
+  // of the 80 then take the branch-free path below).
+  const int tpr = ((nvec + ctas - 1) / ctas + ITERS - 1) / ITERS;
   const int base = (blockIdx.x % ctas) * ITERS * tpr;  // first vector of this CTA's part
-  const int n = p.n, nvec = n / VEC, warps = tpr / 32;
+  auto inside = [&](int i) { return t < tpr && base + i * tpr + t < nvec; };
   // This thread's vectors of a row of x or the residual (zeros past the row), evict-first.
   auto fetch = [&](const void* src, int64_t stride, uint4 (&out)[ITERS]) {
     const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(src) + row * stride);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
-      const int vi = base + i * tpr + t;
-      out[i] = vi < nvec ? __ldcs(r + vi) : make_uint4(0, 0, 0, 0);
+      out[i] = inside(i) ? __ldcs(r + base + i * tpr + t) : make_uint4(0, 0, 0, 0);
     }
   };
 
@@ -394,7 +398,7 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) h.v[j] = from_float<T>(widen<T>(px[i], j) + widen<T>(pr[i], j));
       px[i] = *reinterpret_cast<const uint4*>(&h);
-      if (vi < nvec) reinterpret_cast<uint4*>(static_cast<T*>(p.h) + row * n)[vi] = px[i];
+      if (inside(i)) reinterpret_cast<uint4*>(static_cast<T*>(p.h) + row * n)[vi] = px[i];
     }
   }
   float mean = 0.f;
@@ -410,12 +414,12 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   }
   // A thread whose vectors all lie inside the row (every thread where the row fills its CTAs)
   // runs the loops below without a branch per vector (~3 SASS instructions each).
-  const bool full = base + (ITERS - 1) * tpr + t < nvec;
+  const bool full = inside(ITERS - 1);
   auto centered_squares = [&](auto all_inside) {
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
-      if (!decltype(all_inside)::value && base + i * tpr + t >= nvec) continue;
+      if (!decltype(all_inside)::value && !inside(i)) continue;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float d = widen<T>(px[i], j) - mean;
@@ -441,7 +445,7 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int vi = base + i * tpr + t;
-      if (!decltype(all_inside)::value && vi >= nvec) continue;
+      if (!decltype(all_inside)::value && !inside(i)) continue;
       opaque(px[i]);
       float w[VEC], b[VEC], y[VEC];
       if constexpr (decltype(with_wb)::value) {
