@@ -55,11 +55,11 @@ def main():
     ap.add_argument("--cuda-only", action="store_true", help="skip the Triton sweeps")
     ap.add_argument("--triton-bwd-only", action="store_true", help="only the Triton backward sweep")
     ap.add_argument("--defaults", action="store_true",
-                    help="only the default configuration of each backend, forward and backward")
+                    help="the default configuration of each backend (and the CUDA split forward at every width)")
     args = ap.parse_args()
     global FWD_ENVS, BWD_ENVS, TRITON_FWD, TRITON_BWD
     if args.defaults:
-        FWD_ENVS, BWD_ENVS, TRITON_FWD, TRITON_BWD = [{}], [{}], [{}], [{}]
+        FWD_ENVS, BWD_ENVS, TRITON_FWD, TRITON_BWD = FWD_ENVS[:2], [{}], [{}], [{}]
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -364,19 +364,19 @@ __device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
 // fwd_rows_kernel from 1024 vectors on (see launch_fwd).
 template <typename T, typename PT, int ITERS, bool TANH>
 __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
-    fwd_split_kernel(FwdParams p, int ctas) {
+    fwd_split_kernel(FwdParams p, int ctas, int iters) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float scratch[2][32];
   __shared__ float part[2];  // this CTA's sum and centered sum of squares (read by the cluster)
   const int t = threadIdx.x, warps = blockDim.x / 32;
   const int64_t row = blockIdx.x / ctas;
   const int n = p.n, nvec = n / VEC;
-  // Threads [0, tpr) hold vectors t, t + tpr, ... of this CTA's part; the CTA's last warp may
-  // have threads without any (5120 = 640 vectors: 80 threads of 8 vectors in 96 threads, all
-  // of the 80 then take the branch-free path below).
-  const int tpr = ((nvec + ctas - 1) / ctas + ITERS - 1) / ITERS;
-  const int base = (blockIdx.x % ctas) * ITERS * tpr;  // first vector of this CTA's part
-  auto inside = [&](int i) { return t < tpr && base + i * tpr + t < nvec; };
+  // Threads [0, tpr) hold vectors t, t + tpr, ..., `iters` (<= ITERS, chosen by the host so
+  // that tpr fills whole warps where it can) of this CTA's part; the CTA's last warp may have
+  // threads without any.
+  const int tpr = ((nvec + ctas - 1) / ctas + iters - 1) / iters;
+  const int base = (blockIdx.x % ctas) * iters * tpr;  // first vector of this CTA's part
+  auto inside = [&](int i) { return i < iters && t < tpr && base + i * tpr + t < nvec; };
   // This thread's vectors of a row of x or the residual (zeros past the row), evict-first.
   auto fetch = [&](const void* src, int64_t stride, uint4 (&out)[ITERS]) {
     const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(src) + row * stride);
@@ -414,12 +414,12 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   }
   // A thread whose vectors all lie inside the row (every thread where the row fills its CTAs)
   // runs the loops below without a branch per vector (~3 SASS instructions each).
-  const bool full = inside(ITERS - 1);
+  const bool full = inside(iters - 1);
   auto centered_squares = [&](auto all_inside) {
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
-      if (!decltype(all_inside)::value && !inside(i)) continue;
+      if (decltype(all_inside)::value ? i >= iters : !inside(i)) continue;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float d = widen<T>(px[i], j) - mean;
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int vi = base + i * tpr + t;
-      if (!decltype(all_inside)::value && !inside(i)) continue;
+      if (decltype(all_inside)::value ? i >= iters : !inside(i)) continue;
       opaque(px[i]);
       float w[VEC], b[VEC], y[VEC];
       if constexpr (decltype(with_wb)::value) {

@@ -259,17 +259,28 @@ int64_t launch_bwd_ring(BwdParams& p, int device, cudaStream_t stream, Alloc&& a
 constexpr int kSplitIters = 8, kSplitThreads = 256, kMaxCluster = 8;
 constexpr int kWideIters = 16, kWideThreads = 512;
 
+// Vectors per thread of fwd_split_kernel<kSplitIters> for a CTA part of `part` vectors: the
+// largest of 8..4 that divides it into whole warps of at most kSplitThreads threads, else 8.
+// H100 bf16 32768x5120 (640 vectors): 8 per thread leave 16 of 96 threads idle in every
+// instruction of the issue-bound kernel; 5 per thread fill 128.
+inline int split_iters(int part) {
+  for (int k = kSplitIters; k >= 4; --k)
+    if (part % k == 0 && (part / k) % 32 == 0 && part / k <= kSplitThreads) return k;
+  return kSplitIters;
+}
+
 template <typename T, typename PT, bool TANH>
 bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   const int nvec = p.n / VEC;
   auto threads_for_part = [](int vecs, int iters) { return ((vecs + iters - 1) / iters + 31) / 32 * 32; };
   const int ctas = (nvec + kSplitIters * kSplitThreads - 1) / (kSplitIters * kSplitThreads);
+  const int part = (nvec + ctas - 1) / ctas, iters = split_iters(part);
   int max_cluster = kMaxCluster;  // tuning and tests: DEEPKERN_LNG_FWD_CLUSTER (1: no clusters)
   if (const char* env = std::getenv("DEEPKERN_LNG_FWD_CLUSTER")) max_cluster = std::atoi(env);
   if (ctas == 1) {
     lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>
-        <<<p.rows, threads_for_part(nvec, kSplitIters), 0, stream>>>(p, 1);
+        <<<p.rows, threads_for_part(nvec, iters), 0, stream>>>(p, 1, iters);
     return true;
   }
   // Clusters only where the sm_90a code runs: the kernel's cluster code is compiled for
@@ -280,20 +291,19 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   constexpr bool kClusterBuild = false;
 #endif
   if (kClusterBuild && cc_major(device) == 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
-    const int threads = threads_for_part((nvec + ctas - 1) / ctas, kSplitIters);
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
-    cfg.blockDim = dim3(threads);
+    cfg.blockDim = dim3(threads_for_part(part, iters));
     cfg.stream = stream;
     cudaLaunchAttribute attr;
     set_cluster(cfg, attr, ctas);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>, p, ctas));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>, p, ctas, iters));
     return true;
   }
   if constexpr (sizeof(T) == 2) {
     if (nvec <= kWideIters * kWideThreads) {
       lngelu::fwd_split_kernel<T, PT, kWideIters, TANH>
-          <<<p.rows, threads_for_part(nvec, kWideIters), 0, stream>>>(p, 1);
+          <<<p.rows, threads_for_part(nvec, kWideIters), 0, stream>>>(p, 1, kWideIters);
       return true;
     }
   }
