@@ -312,11 +312,12 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
 
 template <typename T, typename PT, int VEC, bool TANH>
 void launch_fwd(const FwdParams& p, const RowsConfig& cfg, int device, cudaStream_t stream) {
-  // Rows of >= 1024 vectors: fwd_split_kernel (H100 bf16, against fwd_rows_kernel: 16384x8192
-  // 213 vs 221 us, 8192x12288 166 vs 189, 8192x20000 309 vs 427; 32768x5120 280 vs 281;
-  // 65536x1024 117 vs 104). DEEPKERN_LNG_FWD_SPLIT (tuning): 1 always, 0 only past the rows
-  // kernel's limit.
-  int split_from = 1024;
+  // Rows of >= 256 vectors: fwd_split_kernel. H100 bf16 (commit bcd720f), split vs
+  // fwd_rows_kernel: 65536x2048 204 vs 241 us, 32768x3072 157 vs 188, 32768x4096 204 vs 212,
+  // 32768x5120 255 vs 274, 16384x6144 155 vs 167; 65536x1024 (128 vectors) 116 vs 104, so
+  // shorter rows keep the rows kernel. DEEPKERN_LNG_FWD_SPLIT (tuning): 1 always, 0 only past
+  // the rows kernel's limit.
+  int split_from = 256;
   if (const char* env = std::getenv("DEEPKERN_LNG_FWD_SPLIT")) split_from = std::atoi(env) ? 0 : INT32_MAX;
   if (cfg.iters == 0 || p.n / VEC >= split_from) {
     if constexpr (VEC == 16 / sizeof(T)) {
