@@ -242,13 +242,14 @@ def _auto_order(n: int, backward: bool, training: bool = False) -> tuple[str, ..
     """Preference for the backward kernels, or for the forward's (of a training call when
     `training`); a training call under "auto" may run the forward of one backend and the
     backward of the other (both save the same fp32 mean and rstd)."""
-    # Measured on H100, bf16 (scripts/tune_layernorm_gelu.py and the bench).
-    # Backward: CUDA at every bench shape (its copy-ring kernel: 16384x8192 296 us vs Triton
-    # 390; 32768x5120 420 vs 575; 8192x12288 310 vs 418; 65536x1024 164 vs 197; 4096x65536
-    # 854 vs 1125).
-    # Forward: Triton (16384x8192 186 vs 213; 32768x5120 231 vs 279; 8192x12288 143 vs 165),
-    # except rows past 40960 (4096x65536: CUDA's cluster-split kernel 512 us, Triton's two-pass
-    # loop 570) and, when a backward follows, rows of <= 2048 (65536x1024: 97 vs 104 us, less
+    # Measured on H100, bf16 (scripts/tune_layernorm_gelu.py --defaults, commit bcd720f).
+    # Backward: CUDA (its copy-ring kernel: 32768x5120 422 us vs Triton 464; 8192x12288 311
+    # vs 425; 4096x65536 854 vs 1184; 32768x4096 294 vs 325), even where Triton's pipelined
+    # rows kernel is level or ahead (16384x8192 296 vs 285; 65536x1024 163 vs 164; 65536x2048
+    # 297 vs 291): one rule, and within 4% there.
+    # Forward: Triton (16384x8192 185 vs 201; 32768x5120 230 vs 255; 8192x12288 142 vs 155),
+    # except rows past 40960 (4096x65536: CUDA's cluster-split kernel 508 us, Triton's two-pass
+    # loop 539) and, when a backward follows, rows of <= 2048 (65536x1024: 97 vs 104 us, less
     # than the Triton launcher's extra host time per call).
     if backward or (training and n <= 2048):
         return ("cuda", "triton", "torch")
