@@ -250,7 +250,7 @@ def test_select_kernel_ties_across_chunks(device):
 @pytest.mark.parametrize("sink", [1, 29])
 def test_select_kernel_recent_blocks_win(device, sink):
     """Scores grow with the block id, so each causal row's best candidate is its latest one,
-    j = i - local_blocks: the edge of each program's candidate range (BM=32 query blocks).
+    j = i - local_blocks: the edge of each program's candidate range (BM=16 query blocks).
     sink=29 puts a chunk start exactly on the last candidate of rows 31 and 95."""
     nb, bs, D = 100, 32, 64
     u = torch.randn(D)
@@ -265,7 +265,7 @@ def test_select_kernel_recent_blocks_win(device, sink):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_select_kernel_many_chunks(device):
-    """More key blocks than one chunk (BC=64) and query blocks than one program (BM=32), and
+    """More key blocks than one chunk (BC=64) and query blocks than one program (BM=16), and
     topk not a power of two: exercises the streaming merge across chunks."""
     q, k, _ = _inputs(1, 32 * 150, 1, 1, 64, torch.float16, device)
     for causal in (True, False):

@@ -3,7 +3,9 @@ top-k) and its launcher. Semantics: deepkern.reference.sparse_attention.
 
 Memory grows like nb * (D + topk), never nb^2: the summaries are fp32 [B*Hkv, nb, D], the
 top-k kernel keeps each query block's running best `topk` (score, j) pairs in registers while
-it streams over the key-block summaries in chunks, and writes only the final `topk` ids.
+it streams over the key-block summaries in chunks, then writes each row's final indices
+(sinks, choices and local blocks, ascending, -1 padded: the assembly is part of the kernel,
+since as ~10 small torch ops it cost ~210 us of host time per call on the H100 machine).
 
 Top-k merge: a program owns BM query blocks. Per chunk of BC key blocks it computes the
 [BM, BC] scores with one fp32 dot, then repeatedly moves each row's best remaining chunk
@@ -23,7 +25,9 @@ import triton.language as tl
 from deepkern.reference.sparse_attention import assemble_indices, num_blocks
 
 MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + ids
-BM = 32  # query blocks per top-k program
+# H100, S = 64K (nb = 1024, B*Hkv = 8) / 128K, top-k kernel alone: BM=32 x 8 warps 486 / 1410
+# us; BM=16 x 4 warps 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
+BM = 16  # query blocks per top-k program
 BC = 64  # key blocks per chunk
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
 
@@ -60,10 +64,10 @@ def _pool_kernel(
 
 @triton.jit
 def _topk_kernel(
-    QS, KS, TOP,
-    nb, topk, sink, local,
+    QS, KS, OUT,
+    nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    TK: tl.constexpr,
+    TK: tl.constexpr, WC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -111,8 +115,45 @@ def _topk_kernel(
                     rs = tl.where(hit, best[:, None], rs)
                     rj = tl.where(hit, best_j[:, None], rj)
                     cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
-    out = TOP + (bh * nb + i[:, None]) * topk + slot[None, :]
-    tl.store(out, rj, mask=(i[:, None] < nb) & (slot[None, :] < topk))
+    _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL, TK, WC)
+
+
+@triton.jit
+def _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL: tl.constexpr,
+                       TK: tl.constexpr, WC: tl.constexpr):
+    """Row i of the output: its sink blocks, its top-k choices `rj` (-1 = none, any order)
+    and its local blocks, ascending, then -1 up to `width`. Every candidate j lies in
+    [sink, i - local] (causal) or [sink, nb) without i, so the sinks come first and, causal,
+    the local blocks last; non-causal, block i goes between the choices below and above it.
+    Each part is stored at its own columns (no two stores share an address)."""
+    row = OUT + (bh * nb + i[:, None]) * width
+    ok = i < nb
+    key = tl.sort(tl.where(rj >= 0, rj, 2147483647), dim=1)  # choices ascending, none last
+    n_top = tl.sum((rj >= 0).to(tl.int32), axis=1)
+    if CAUSAL:
+        n_sink = tl.minimum(sink, i + 1)
+        lo = tl.maximum(i - local + 1, sink)  # local blocks below `sink` are sinks already
+        n_local = tl.maximum(i + 1 - lo, 0)
+    else:
+        n_sink = tl.minimum(sink, nb) + tl.zeros_like(i)
+        lo = i
+        n_local = ((i >= sink) & (local > 0)).to(tl.int32)
+    r = tl.arange(0, TK)[None, :]
+    pos = n_sink[:, None] + r
+    if not CAUSAL:  # block i after the choices below it
+        pos += ((key < i[:, None]) == 0).to(tl.int32) * n_local[:, None]
+    tl.store(row + pos, key, mask=ok[:, None] & (r < n_top[:, None]))
+    if CAUSAL:
+        local_at = n_sink + n_top
+    else:
+        local_at = n_sink + tl.sum(((key < i[:, None]) & (r < n_top[:, None])).to(tl.int32), axis=1)
+    total = n_sink + n_top + n_local
+    for c0 in range(0, width, WC):  # sinks, local blocks and the -1 padding, WC columns a time
+        c = c0 + tl.arange(0, WC)[None, :]
+        in_local = (c >= local_at[:, None]) & (c < local_at[:, None] + n_local[:, None])
+        val = tl.where(c < n_sink[:, None], c, tl.where(in_local, lo[:, None] + c - local_at[:, None], -1))
+        mine = (c < n_sink[:, None]) | in_local | (c >= total[:, None])
+        tl.store(row + c, val, mask=ok[:, None] & mine & (c < width))
 
 
 def block_summaries(q, k, block_size: int, softmax_scale: float):
@@ -138,13 +179,15 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     B, S, _, D = q.shape
     Hkv = k.shape[2]
     nb = num_blocks(S, block_size)
-    top = torch.empty((B * Hkv, nb, topk), dtype=torch.int32, device=q.device)
-    if topk > 0 and nb > 0 and B > 0:
-        qs, ks = block_summaries(q, k, block_size, softmax_scale)
-        _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
-            qs, ks, top, nb, topk, sink_blocks, local_blocks,
-            CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)),
-            num_warps=8 if D >= 128 else 4,
-        )
-        del qs, ks  # the summaries are the largest buffers; free them before the assembly
-    return assemble_indices(top.view(B, Hkv, nb, topk), nb, sink_blocks, local_blocks, causal)
+    if topk == 0 or nb == 0 or B == 0:
+        top = torch.empty((B, Hkv, nb, 0), dtype=torch.int32, device=q.device)
+        return assemble_indices(top, nb, sink_blocks, local_blocks, causal)
+    width = sink_blocks + local_blocks + topk
+    out = torch.empty((B, Hkv, nb, width), dtype=torch.int32, device=q.device)
+    qs, ks = block_summaries(q, k, block_size, softmax_scale)
+    _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
+        qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
+        CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)), WC=32,
+        num_warps=4,
+    )
+    return out
