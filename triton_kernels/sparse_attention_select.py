@@ -35,10 +35,10 @@ LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the l
 @triton.jit
 def _pool_kernel(
     Q, K, QS, KS,
-    S, nb, Hkv, G,
+    S, nb, Hkv,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     q_scale,
-    BS: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -53,7 +53,9 @@ def _pool_kernel(
     k_ptr = K + b * stride_kb + pos64[:, None] * stride_ks + h * stride_kh + d[None, :]
     k_sum = tl.sum(tl.load(k_ptr, mask=valid, other=0.0).to(tl.float32), axis=0)
     q_sum = tl.zeros([D], dtype=tl.float32)
-    for g in range(G):
+    # G is a compile-time constant so the loop unrolls and the G loads are in flight at once
+    # (a runtime loop waits for each head's tile before loading the next).
+    for g in tl.static_range(G):
         head = h * G + g
         q_ptr = Q + b * stride_qb + pos64[:, None] * stride_qs + head * stride_qh + d[None, :]
         q_sum += tl.sum(tl.load(q_ptr, mask=valid, other=0.0).to(tl.float32), axis=0)
@@ -165,9 +167,9 @@ def block_summaries(q, k, block_size: int, softmax_scale: float):
     ks = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
     if nb > 0 and B > 0:
         _pool_kernel[(nb, B * Hkv)](
-            q, k, qs, ks, S, nb, Hkv, Hq // Hkv,
+            q, k, qs, ks, S, nb, Hkv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            softmax_scale, BS=block_size, D=D, num_warps=4,
+            softmax_scale, G=Hq // Hkv, BS=block_size, D=D, num_warps=4,
         )
     return qs, ks
 
