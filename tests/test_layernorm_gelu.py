@@ -119,6 +119,19 @@ def test_forward_long_rows_cuda_paths(monkeypatch, cluster):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n", [2040, 2048, 3000, 5120, 6144, 7168, 10240])
+def test_forward_split_widths_cuda(n):
+    """The CUDA split forward's thread layouts: 255 vectors (rows kernel) and 256 (split), 8
+    vectors per thread with a partly idle last warp (3000), 5/6/7 per thread filling whole
+    warps (5120, 6144, 7168), 5 warps of 8 (10240); with and without weight and bias (two
+    copies of the normalize phase), fp32 weights, a residual."""
+    _check_forward((33, n), torch.bfloat16, "cuda", "cuda")
+    _check_forward((17, n), torch.float16, "cuda", "cuda", weight=False, bias=False)
+    _check_forward((17, n), torch.bfloat16, "cuda", "cuda", bias=False, param_dtype=torch.float32)
+    _check_forward((9, n), torch.float32, "cuda", "cuda", residual=True, norm="rmsnorm")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2048, 1), (1025, 1000), (512, 5120), (13, 12288), (64, 65536),
                                    (4, 8, 4096), (300, 65537), (333, 70), (333, 640)])
