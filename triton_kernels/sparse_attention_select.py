@@ -143,7 +143,7 @@ def _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL: tl.conste
     r = tl.arange(0, TK)[None, :]
     pos = n_sink[:, None] + r
     if not CAUSAL:  # block i after the choices below it
-        pos += ((key < i[:, None]) == 0).to(tl.int32) * n_local[:, None]
+        pos += (key > i[:, None]).to(tl.int32) * n_local[:, None]
     tl.store(row + pos, key, mask=ok[:, None] & (r < n_top[:, None]))
     if CAUSAL:
         local_at = n_sink + n_top
