@@ -7,6 +7,11 @@ so outputs cross-check to rounding); PyTorch's tinygemm (aten._weight_int4pack_m
 the same codes, repacked. Baseline: cuBLAS fp16. Bytes = the int4 weight streamed (packed + scales + zeros) + x + y, so the
 fraction of copy bandwidth is the weight-streaming efficiency; flops = 2*M*N*K.
 
+Every provider is timed as a CUDA-graph replay (harness.time_graph_ms), L2 cleared before
+each: the kernels' GPU time. Eager calls at small M measure the host instead (on the H100
+machine ~20 us of CPU per F.linear, ~50 us per CUDA op call, ~120 us per Triton op call,
+against 10-60 us of GPU time), and decode loops run under CUDA graphs anyway.
+
 Tuning (GPU): `python -m deepkern.bench.int4_matmul --sweep [--quick]` times candidate configs
 per shape through triton_kernels.int4_matmul.config_override and prints the best per M.
 """
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import deepkern
-from deepkern.bench.harness import Case, Skip, time_ms
+from deepkern.bench.harness import Case, Skip, time_graph_ms
 from deepkern.ops.int4_matmul import _reasons
 from deepkern.quant import quantize_int4, unpack_int4
 
@@ -123,7 +128,7 @@ def cases(quick: bool) -> list[Case]:
                 baseline="cublas-fp16",
                 providers={name: _factory(make, m, n, k) for name, make in PROVIDERS.items()},
                 bytes=weight + 2 * m * k + 2 * m * n, flops=2 * m * n * k,
-                note=f"g={GROUP} asymmetric",
+                note=f"g={GROUP} asymmetric", graph=True,
             ))
     return out
 
@@ -166,17 +171,24 @@ def _candidates(m: int):
     from deepkern.triton_kernels.int4_matmul import Config
 
     if m == 1:
-        return [Config("gemv", 1, bn, bk, 0, num_warps=nw, num_stages=1, waves=2, prefetch=pf)
-                for bn in (8, 16, 32) for bk in (512, 1024, 2048) for nw in (4, 8)
-                for pf in (False, True) if bn * bk <= 32768]
+        return [Config("gemv", 1, bn, bk, 0, num_warps=4, num_stages=1, waves=wv, prefetch=pf)
+                for bn in (8, 16, 32) for bk in (512, 1024) for wv in (2, 4, 8)
+                for pf in (False, True)]
+    if m <= 16:
+        swapped = [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=wv, swap=True)
+                   for bn in (64, 128) for bk in (64, 128, 256) for ns in (3, 4) for wv in (2, 4)]
+        plain = [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=2)
+                 for bn in (32, 64) for bk in (128, 256) for ns in (3, 5)]
+        return swapped + plain
     if m <= 256:
-        bm = 16 if m <= 16 else 64
-        return [Config("dot", bm, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv)
-                for bn in (32, 64, 128) for bk in (64, 128, 256) for ns in (3, 5)
-                for wv in (2, 4) for nw in (4,) if bn * bk <= 16384]
-    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=ns)
-            for bm in (64, 128) for bn in (128, 256) for bk in (32, 64) for nw in (4, 8)
-            for ns in (3, 4) if bm * bn <= 16384]
+        bms = (64,) if m <= 64 else (128,)
+        return [Config("dot", bm, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv, swap=sw)
+                for sw in (True, False) for bm in bms for bn in (64, 128) for bk in (64, 128)
+                for ns in (3, 4) for nw in (4, 8) for wv in (1, 2) if nw == 4 or bm * bn >= 8192]
+    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=ns, swap=sw)
+            for sw in (True, False) for bm, bn in ((128, 128), (128, 256), (256, 128), (64, 256))
+            for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)
+            if bm * bn * bk <= 128 * 256 * 64 and (nw == 8 or bm * bn <= 16384)]
 
 
 def sweep(quick: bool, only_m: list[int] | None, shapes: list[tuple[int, int]] | None = None) -> None:
@@ -187,12 +199,12 @@ def sweep(quick: bool, only_m: list[int] | None, shapes: list[tuple[int, int]] |
         for m in only_m or (QUICK_MS if quick else MS):
             x, w = _data(m, n, k)
             dense = w.dequantize(torch.float16)
-            base = time_ms(lambda: F.linear(x, dense))
+            base = time_graph_ms(lambda: F.linear(x, dense))
             best = []
             for config in _candidates(m):
                 try:
                     with config_override(config):
-                        ms = time_ms(lambda: deepkern.int4_matmul(x, w, backend="triton"), rep_ms=30)
+                        ms = time_graph_ms(lambda: deepkern.int4_matmul(x, w, backend="triton"), rep_ms=30)
                 except Exception as exc:  # e.g. out of shared memory for this tile
                     print(f"  skip {config}: {type(exc).__name__}", flush=True)
                     continue

@@ -20,6 +20,7 @@ GEMV = Config("gemv", 1, 16, 64, 0)
 DOT = Config("dot", 16, 32, 64, 0)
 DOT_NOSPLIT = Config("dot", 16, 16, 32, 1)
 GEMV_PREFETCH = Config("gemv", 1, 16, 32, 0, prefetch=True)  # several tiles per split
+DOT_SWAP = Config("dot", 16, 32, 64, 0, swap=True)  # y^T = W x^T, scales prefetched per tile
 
 
 def _weight(n, k, group_size=64, symmetric=False, device="cpu", dtype=torch.float16):
@@ -71,8 +72,8 @@ def test_forward_group_sizes(device, group_size, symmetric):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT],
-                         ids=["gemv", "gemv-prefetch", "dot", "dot-nosplit"])
+@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT, DOT_SWAP],
+                         ids=["gemv", "gemv-prefetch", "dot", "dot-nosplit", "dot-swap"])
 @pytest.mark.parametrize("n, k, group_size", [(13, 320, 64), (7, 100, -1), (33, 96, 32)])
 def test_forward_odd_shapes_every_path(device, config, n, k, group_size):
     """K not a multiple of the K tile (320 = 5 x 64), K % 8 != 0 (channelwise 100), groups
@@ -90,7 +91,8 @@ def test_dequantization_is_exact(device):
             dense = w.dequantize(torch.float16)
             eye_k = torch.eye(k, dtype=torch.float16, device=device)
             some = torch.randperm(k)[:8]  # GEMV runs one program row per x row: a sample
-            for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 32, 1), slice(None))):
+            for config, rows in ((GEMV, some), (DOT, slice(None)), (Config("dot", 16, 16, 32, 1), slice(None)),
+                                 (DOT_SWAP, slice(None))):
                 y = kernels.int4_matmul_fwd(eye_k[rows], w.packed, w.scales, w.zeros, w.group_len, None, config)
                 assert torch.equal(y, dense.T[rows]), f"{config} g={group_size}"
             eye_n = torch.eye(24, dtype=torch.float16, device=device)
@@ -306,7 +308,9 @@ def test_forward_gpu_group_sizes(dtype, group_size, symmetric):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT, Config("dot", 64, 64, 128, 3),
+@pytest.mark.parametrize("config", [GEMV, GEMV_PREFETCH, DOT, DOT_NOSPLIT, DOT_SWAP, Config("dot", 64, 64, 128, 3),
+                                    Config("dot", 16, 128, 128, 0, swap=True),
+                                    Config("dot", 64, 128, 64, 1, num_warps=8, swap=True),
                                     Config("gemv", 1, 64, 512, 0, num_warps=8)], ids=str)
 def test_forward_gpu_every_config(config):
     for dtype in (torch.float16, torch.bfloat16):
@@ -331,7 +335,8 @@ def test_dequantization_is_exact_gpu():
         for group_size in (32, 128, -1):
             w = _weight(96, 512, group_size, device="cuda")
             dense = w.dequantize(dtype)
-            for config in (GEMV, DOT, Config("dot", 128, 128, 64, 1, num_warps=8)):
+            for config in (GEMV, DOT, Config("dot", 128, 128, 64, 1, num_warps=8), DOT_SWAP,
+                           Config("dot", 64, 128, 128, 1, num_warps=8, swap=True)):
                 y = kernels.int4_matmul_fwd(torch.eye(512, dtype=dtype, device="cuda"), w.packed,
                                             w.scales, w.zeros, w.group_len, None, config)
                 assert torch.equal(y, dense.T), f"{config} {dtype} g={group_size}"

@@ -59,6 +59,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8  # dot: programs sharing weight columns run close in time (L2 reuse)
+    swap: bool = False  # dot: compute y^T = W x^T (the weight as the register operand)
     waves: int = 2  # programs per SM that split_k=0 aims for
     prefetch: bool = False  # gemv: load the next weight tile before unpacking this one
 
@@ -89,6 +90,7 @@ CONFIGS: dict[str, list[tuple[int, int, int, Config]]] = {
     # are all exercised on small shapes.
     "cpu": [
         (1, _BIG, _BIG, Config("gemv", 1, 16, 64, 0, waves=2)),
+        (16, _BIG, _BIG, Config("dot", 16, 32, 64, 0, waves=2, swap=True)),
         (_BIG, _BIG, _BIG, Config("dot", 16, 32, 64, 0, waves=2)),
     ],
 }
@@ -328,13 +330,38 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _dequant_words(words, s, z, magic, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """_dequant_tile's arithmetic for words [BLOCK_N, BLOCK_KW] of one group per row, with
+    that group's scales s [BLOCK_N] and zero points z [BLOCK_N] already loaded."""
+    f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
+    zoff = z.to(tl.float32)[:, None, None] * _pos_scale(False)[None, None, :] + MAGIC_F
+    w = (f - zoff) * (s.to(tl.float32)[:, None, None] * _pos_scale(True)[None, None, :])
+    return tl.reshape(w.to(DTYPE), [BLOCK_N, BLOCK_KW * 8])
+
+
+@triton.jit
+def _load_group(S, Z, k, K, N, n, n_mask, group, HAS_ZEROS: tl.constexpr):
+    """Scales and zero points [BLOCK_N] of the group holding column min(k, K - 1)."""
+    offs = (tl.minimum(k, K - 1) // group) * N + n
+    s = tl.load(S + offs, mask=n_mask, other=0.0)
+    if HAS_ZEROS:
+        z = tl.load(Z + offs, mask=n_mask, other=0)
+    else:
+        z = tl.full(n.shape, 8, tl.uint8)
+    return s, z
+
+
+@triton.jit
 def _dot_kernel(
     X, P, S, Z, Out, Part, Bias,
     M, N, K, KW, stride_xm, k_per_split, group, magic,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
 ):
+    """y tile [BLOCK_M, BLOCK_N] over this program's K split. SWAP computes its transpose,
+    W tile @ x tile^T, so the dequantized weight is the register operand of the tensor-core
+    op and BLOCK_M (the batch) can be as small as 16 without padding the weight side."""
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -348,16 +375,37 @@ def _dot_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     x_rows = X + rows[:, None].to(tl.int64) * stride_xm
+    p_rows = P + n[:, None].to(tl.int64) * KW
     m_mask = (rows < M)[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if SCALE_PER_TILE:
+        # The next tile's scales/zeros load one iteration ahead: Triton's pipeliner leaves
+        # these small loads synchronous (a global-load latency per K step otherwise).
+        s_next, z_next = _load_group(S, Z, k_start, K, N, n, n_mask, group, HAS_ZEROS)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + k[None, :], mask=m_mask & (k < K)[None, :], other=0.0)
-        w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, X.dtype.element_ty,
-                          HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
-        acc = tl.dot(x, tl.trans(w), acc)
+        if SCALE_PER_TILE:
+            # k0 is a multiple of BLOCK_K: 16-byte copies of the word rows.
+            kw = tl.max_contiguous(tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8), BLOCK_K // 8)
+            words = tl.load(p_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
+            s, z = s_next, z_next
+            s_next, z_next = _load_group(S, Z, k0 + BLOCK_K, K, N, n, n_mask, group, HAS_ZEROS)
+            w = _dequant_words(words, s, z, magic, X.dtype.element_ty, BLOCK_N, BLOCK_K // 8)
+        else:
+            w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, X.dtype.element_ty,
+                              HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     _epilogue(acc, Out, Part, Bias, rows, n, M, N, pid_s, SPLIT, HAS_BIAS)
 
 
@@ -460,7 +508,7 @@ def _fwd(x, packed, scales, zeros, group: int, bias, config: Config | None):
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
         launch(_dot_kernel, grid, common,
                dict(flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                    GROUP_M=config.group_m),
+                    GROUP_M=config.group_m, SWAP=config.swap),
                num_warps=config.num_warps, num_stages=config.num_stages)
     if splits > 1:
         block = 1024
