@@ -171,12 +171,13 @@ def _candidates(m: int):
     from deepkern.triton_kernels.int4_matmul import Config
 
     if m == 1:
-        return [Config("gemv", 1, bn, bk, 0, num_warps=4, num_stages=1, waves=wv, prefetch=pf)
-                for bn in (8, 16, 32) for bk in (512, 1024) for wv in (2, 4, 8)
-                for pf in (False, True)]
+        return [Config("gemv", 1, bn, bk, 0, num_warps=nw, num_stages=1, waves=wv, prefetch=pf)
+                for bn in (8, 16, 32) for bk in (512, 1024, 2048) for nw in (4, 8) for wv in (1, 2, 4)
+                for pf in (False, True) if bn * bk <= 32768]
     if m <= 16:
-        swapped = [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=wv, swap=True)
-                   for bn in (64, 128) for bk in (64, 128, 256) for ns in (3, 4) for wv in (2, 4)]
+        swapped = [Config("dot", 16, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv, swap=True)
+                   for bn in (64, 128) for bk in (64, 128, 256) for ns in (3, 4, 5) for wv in (2, 4, 8)
+                   for nw in (4, 8) if nw == 4 or bn == 128]
         plain = [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=2)
                  for bn in (32, 64) for bk in (128, 256) for ns in (3, 5)]
         return swapped + plain

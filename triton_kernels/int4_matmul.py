@@ -65,20 +65,26 @@ class Config:
 
 
 _BIG = 1 << 62
-# Plausible H100 defaults, to be replaced by measured ones (bench/int4_matmul.py). The weight
-# streams once per BLOCK_M rows of x, so small M wants narrow tiles and many K splits, large M
-# the largest tiles that keep the tensor cores fed.
+# Tile configs per GPU kind ("default": untuned guesses for other GPUs). The weight streams
+# once per BLOCK_M rows of x, so small M wants narrow tiles and many K splits, large M the
+# largest tiles that keep the tensor cores fed.
 CONFIGS: dict[str, list[tuple[int, int, int, Config]]] = {
-    # H100 sweeps (bench/int4_matmul.py --sweep, 2026-11-22), (K, N) = (8192, 8192) unless
-    # said: M=1 46 us (cuBLAS fp16 60); (8192, 28672) 80 us with the prefetching row (178);
-    # M=16 86 us (60); M=128 93 us (61). The old guesses: 258, 258 and 182 us.
+    # H100 sweep under CUDA graphs (bench/int4_matmul.py --sweep, GPU time, L2 cleared;
+    # 2026-11-22 f), (K, N) = (8192, 8192) unless said; cuBLAS fp16 60 / 60 / 61 / 62 / 192 /
+    # 830 us at M = 1 / 16 / 64 / 128 / 1024 / 4096. GEMV M=1 28.6 us ((8192, 28672): 73.3 with
+    # 8-row, 2048-column tiles). Tensor-core tiles, all with the weight as the register operand
+    # (swap; the plain orientation was 1-4% slower where it placed): M=16 36.6 ((8192, 28672):
+    # 101.7 with 128-row tiles and 8 programs per SM), M=64 45.1, M=128 59.7, M=1024 306,
+    # M=4096 1279 (3 stages; 4 stages 1322, but 306 vs 319 at M=1024).
     "sm90": [
-        (1, 16384, _BIG, Config("gemv", 1, 16, 512, 0, num_warps=4, num_stages=3, waves=2)),
-        (1, _BIG, _BIG, Config("gemv", 1, 8, 1024, 0, num_warps=4, num_stages=1, waves=2, prefetch=True)),
-        (16, _BIG, _BIG, Config("dot", 16, 32, 128, 0, num_warps=4, num_stages=5, waves=2)),
-        (64, _BIG, _BIG, Config("dot", 64, 64, 64, 0, num_warps=4, num_stages=3, waves=2)),
-        (256, _BIG, _BIG, Config("dot", 64, 64, 64, 0, num_warps=4, num_stages=3, waves=2)),
-        (_BIG, _BIG, _BIG, Config("dot", 128, 128, 64, 1, num_warps=8, num_stages=3)),
+        (1, 16384, _BIG, Config("gemv", 1, 16, 1024, 0, num_warps=4, num_stages=1, waves=2)),
+        (1, _BIG, _BIG, Config("gemv", 1, 8, 2048, 0, num_warps=4, num_stages=1, waves=2)),
+        (16, 16384, _BIG, Config("dot", 16, 64, 128, 0, num_warps=4, num_stages=3, waves=4, swap=True)),
+        (16, _BIG, _BIG, Config("dot", 16, 128, 128, 0, num_warps=4, num_stages=3, waves=8, swap=True)),
+        (64, _BIG, _BIG, Config("dot", 64, 64, 128, 0, num_warps=4, num_stages=3, waves=2, swap=True)),
+        (256, _BIG, _BIG, Config("dot", 128, 64, 128, 0, num_warps=4, num_stages=3, waves=1, swap=True)),
+        (2048, _BIG, _BIG, Config("dot", 256, 128, 64, 1, num_warps=8, num_stages=4, swap=True)),
+        (_BIG, _BIG, _BIG, Config("dot", 256, 128, 64, 1, num_warps=8, num_stages=3, swap=True)),
     ],
     "default": [
         (1, _BIG, _BIG, Config("gemv", 1, 32, 256, 0, num_warps=4, num_stages=3, waves=4)),
