@@ -175,18 +175,21 @@ def _candidates(m: int):
                 for bn in (8, 16, 32) for bk in (512, 1024, 2048) for nw in (4, 8) for wv in (1, 2, 4)
                 for pf in (False, True) if bn * bk <= 32768]
     if m <= 16:
-        return [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=wv, swap=True)
-                for bn in (64, 128) for bk in (128, 256, 512) for ns in (2, 3, 4) for wv in (4, 8, 16)
-                if bn * bk <= 32768]
+        swapped = [Config("dot", 16, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv, swap=True)
+                   for bn in (64, 128) for bk in (64, 128, 256) for ns in (3, 4, 5) for wv in (2, 4, 8)
+                   for nw in (4, 8) if nw == 4 or bn == 128]
+        plain = [Config("dot", 16, bn, bk, 0, num_warps=4, num_stages=ns, waves=2)
+                 for bn in (32, 64) for bk in (128, 256) for ns in (3, 5)]
+        return swapped + plain
     if m <= 256:
-        bm = 64 if m <= 64 else 128
-        return [Config("dot", bm, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv, swap=True)
-                for bn in (64, 128) for bk in (64, 128, 256) for ns in (2, 3, 4) for wv in (2, 4, 8)
-                for nw in (4, 8) if (nw == 4 or bn == 128) and bn * bk <= 16384]
-    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=ns, swap=True)
-            for bm, bn in ((128, 128), (256, 128), (128, 256), (256, 64))
-            for bk in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4, 5)
-            if (bm + bn) * bk * 2 * ns <= 200 * 1024 and (nw == 8 or bm * bn <= 16384)]
+        bms = (64,) if m <= 64 else (128,)
+        return [Config("dot", bm, bn, bk, 0, num_warps=nw, num_stages=ns, waves=wv, swap=sw)
+                for sw in (True, False) for bm in bms for bn in (64, 128) for bk in (64, 128)
+                for ns in (3, 4) for nw in (4, 8) for wv in (1, 2) if nw == 4 or bm * bn >= 8192]
+    return [Config("dot", bm, bn, bk, 1, num_warps=nw, num_stages=ns, swap=sw)
+            for sw in (True, False) for bm, bn in ((128, 128), (128, 256), (256, 128), (64, 256))
+            for bk in (64, 128) for nw in (4, 8) for ns in (3, 4)
+            if bm * bn * bk <= 128 * 256 * 64 and (nw == 8 or bm * bn <= 16384)]
 
 
 def sweep(quick: bool, only_m: list[int] | None, shapes: list[tuple[int, int]] | None = None) -> None:

@@ -12,8 +12,7 @@ ids are clamped, so malformed indices give wrong numbers but never a bad memory 
 Forward: a program owns query block i of one (batch, kv head) and all G query heads of it:
 the Q tile stacks HPP heads x block_size tokens as rows (token-major, so each token's HPP
 heads are one contiguous load), and loops over the G / HPP head chunks; each listed KV block
-is thus read from DRAM once per group (repeats hit L2). The unmasked blocks go two per step
-(a 2 x block_size key tile gathered from two listed blocks). Online softmax in the exp2 domain,
+is thus read from DRAM once per group (repeats hit L2). Online softmax in the exp2 domain,
 fp32 accumulation; the log-sum-exp is saved in log2 units (+inf for rows without keys, so
 the backward's exp2(s - lse) is 0 there).
 
@@ -36,7 +35,6 @@ LOG2E = 1.4426950408889634
 # rows 12.5. (dk/dv tiles of 128 rows were slower in a chunked variant of the dk/dv kernel,
 # not re-measured on this one; the forward's 128 is the Triton FA tutorial's first choice.)
 MAX_ROWS_FWD = 128
-FWD_STAGES = 2
 MAX_ROWS_DQ = 128
 MAX_ROWS_DKDV = 64
 
@@ -51,10 +49,9 @@ def _count_valid(IDX_ROW, W, BW: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs, kpos, d, qpos, S,
-              qk_scale, use, MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    """One online-softmax step over the keys at positions kpos (one block, or two listed
-    blocks side by side)."""
+def _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs, j, tt, d, qpos, S,
+              qk_scale, use, BS: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    kpos = j * BS + tt
     kval = kpos < S
     kpos64 = kpos.to(tl.int64)
     k = tl.load(K + k_base + kpos64[:, None] * stride_ks + d[None, :], mask=kval[:, None], other=0.0)
@@ -73,11 +70,6 @@ def _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs, kpos
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
-
-
-@triton.jit
-def _block_id(idx_row, w, nb):
-    return tl.minimum(tl.maximum(tl.load(idx_row + w), 0), nb - 1)
 
 
 @triton.jit
@@ -106,8 +98,6 @@ def _fwd_kernel(
     n = _count_valid(idx_row, W, BW)
     j_last = tl.load(idx_row + tl.maximum(n - 1, 0))
     j_last = tl.minimum(tl.maximum(j_last, 0), nb - 1)
-    n_body = tl.maximum(n - 1, 0)  # blocks before the last: never masked (clean form)
-    tt2 = tl.arange(0, 2 * BS)
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     for c in range(0, G, HPP):
@@ -117,20 +107,15 @@ def _fwd_kernel(
         acc = tl.zeros([HPP * BS, D], dtype=tl.float32)
         m_i = tl.full([HPP * BS], -float("inf"), tl.float32)
         l_i = tl.zeros([HPP * BS], dtype=tl.float32)
-        # The unmasked blocks two at a time (128 keys per step at block 64: fewer rescales
-        # of acc and wider tensor-core tiles), an odd one alone, then the last block masked.
-        for w in range(0, n_body - 1, 2):
-            kpos2 = tl.where(tt2 < BS, _block_id(idx_row, w, nb) * BS + tt2,
-                             _block_id(idx_row, w + 1, nb) * BS + (tt2 - BS))
+        for w in range(n - 1):
+            j = tl.load(idx_row + w)
+            j = tl.minimum(tl.maximum(j, 0), nb - 1)
             acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs,
-                                      kpos2, d, qpos, S, qk_scale, True, MASK=False, CAUSAL=CAUSAL)
-        if n_body % 2 == 1:
-            kpos = _block_id(idx_row, n_body - 1, nb) * BS + tt
-            acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs,
-                                      kpos, d, qpos, S, qk_scale, True, MASK=False, CAUSAL=CAUSAL)
+                                      j, tt, d, qpos, S, qk_scale, True,
+                                      BS=BS, MASK=False, CAUSAL=CAUSAL)
         acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, k_base, v_base, stride_ks, stride_vs,
-                                  j_last * BS + tt, d, qpos, S, qk_scale, n > 0,
-                                  MASK=True, CAUSAL=CAUSAL)
+                                  j_last, tt, d, qpos, S, qk_scale, n > 0,
+                                  BS=BS, MASK=True, CAUSAL=CAUSAL)
         # l == 0: no key at all -> output 0, lse +inf. A NaN l stays NaN (propagates).
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -348,7 +333,7 @@ def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softma
         *_strides(q), *_strides(k), *_strides(v),
         softmax_scale * LOG2E,
         CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32,
-        num_warps=8 if rows * D >= 128 * 128 else 4, num_stages=FWD_STAGES,
+        num_warps=8 if rows * D >= 128 * 128 else 4, num_stages=2,
     )
     return out, lse
 
