@@ -215,36 +215,6 @@ def _unpack(words, magic, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _codes(words, magic):
-    """_unpack's eight codes as separate fp32 tensors of the words' shape (code i at
-    16^p(i) as there)."""
-    t = words >> 12
-    c0 = ((words & 0xF) | magic).to(tl.float32, bitcast=True)
-    c1 = ((words & 0xF0) | magic).to(tl.float32, bitcast=True)
-    c2 = ((words & 0xF00) | magic).to(tl.float32, bitcast=True)
-    c3 = ((words & 0xF000) | magic).to(tl.float32, bitcast=True)
-    c4 = ((t & 0xF0) | magic).to(tl.float32, bitcast=True)
-    c5 = ((t & 0xF00) | magic).to(tl.float32, bitcast=True)
-    c6 = ((t & 0xF000) | magic).to(tl.float32, bitcast=True)
-    c7 = ((t & 0xF0000) | magic).to(tl.float32, bitcast=True)
-    return c0, c1, c2, c3, c4, c5, c6, c7
-
-
-@triton.jit
-def _split8(x):
-    """[R, 8] -> the eight columns as [R] tensors (register moves: each row is in one thread)."""
-    R: tl.constexpr = x.shape[0]
-    a0, a1 = tl.split(tl.reshape(x, [R, 2, 2, 2]))  # last index bit: i & 1
-    b00, b01 = tl.split(a0)  # (i & 2) of the even ones
-    b10, b11 = tl.split(a1)
-    x0, x4 = tl.split(b00)
-    x2, x6 = tl.split(b01)
-    x1, x5 = tl.split(b10)
-    x3, x7 = tl.split(b11)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
 def _dequant_tile(
     P, S, Z, n, n_mask, k0, N, KW, group, magic,
     DTYPE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
@@ -312,8 +282,9 @@ def _gemv_kernel(
     n_mask = n < N
     p_rows = P + n[:, None].to(tl.int64) * KW
     x_row = X + row.to(tl.int64) * stride_xm
-    # Code i of a word comes out of _codes as 2^23 + q 16^p(i): its zero offset is
+    # Code i of a word comes out of _unpack as 2^23 + q 16^p(i): its zero offset is
     # 2^23 + z 16^p and its x is divided by 16^p (both exact), so no shift per code.
+    pos = _pos_scale(False)
     inv = _pos_scale(True)
     acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     k_start = pid_s * k_per_split
@@ -339,8 +310,7 @@ def _gemv_kernel(
             words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
         k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32) * inv[None, :]
-        xs = _split8(x)
-        cs = _codes(words, magic)
+        f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
         if SCALE_PER_TILE:
             grp = k0 // group
             s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -348,8 +318,8 @@ def _gemv_kernel(
                 z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N], 8.0, tl.float32)
-            z = z[:, None]
-            s = s[:, None]
+            zoff = (z[:, None] * pos[None, :] + MAGIC_F)[:, None, :]
+            acc += tl.sum((f - zoff) * x[None, :, :], axis=2) * s[:, None]  # s * sum (q - z) x
         else:
             idx = ((kw * 8) // group)[None, :] * N + n[:, None]
             s = tl.load(S + idx, mask=w_mask, other=0.0).to(tl.float32)
@@ -357,17 +327,8 @@ def _gemv_kernel(
                 z = tl.load(Z + idx, mask=w_mask, other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
-        # One code position at a time over the [BLOCK_N, BLOCK_KW] words: no [.., 8] tensor
-        # of unpacked codes is ever live (the 3-D form held 128 registers per thread).
-        part = (cs[0] - (z + MAGIC_F)) * xs[0][None, :]
-        part += (cs[1] - (z * 16.0 + MAGIC_F)) * xs[1][None, :]
-        part += (cs[2] - (z * 256.0 + MAGIC_F)) * xs[2][None, :]
-        part += (cs[3] - (z * 4096.0 + MAGIC_F)) * xs[3][None, :]
-        part += (cs[4] - (z * 16.0 + MAGIC_F)) * xs[4][None, :]
-        part += (cs[5] - (z * 256.0 + MAGIC_F)) * xs[5][None, :]
-        part += (cs[6] - (z * 4096.0 + MAGIC_F)) * xs[6][None, :]
-        part += (cs[7] - (z * 65536.0 + MAGIC_F)) * xs[7][None, :]
-        acc += part * s  # s * sum (q - z) x over the word
+            zoff = z[:, :, None] * pos[None, None, :] + MAGIC_F
+            acc += tl.sum((f - zoff) * x[None, :, :], axis=2) * s
     out = tl.sum(acc, axis=1)
     mask = n_mask
     if SPLIT:
