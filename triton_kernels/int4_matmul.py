@@ -289,23 +289,19 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    # End of this split's words: k_start and k_per_split are multiples of the K tile, so the
-    # split end is a multiple of BLOCK_KW (kept apart from KW so both bounds stay known-aligned
-    # for 16-byte loads).
-    kw_split_end = tl.multiple_of((k_start + k_per_split) // 8, BLOCK_KW)
+    kw_end = tl.minimum((k_start + k_per_split) // 8, KW)  # k_per_split % 8 == 0
     if PREFETCH:  # the first tile; each iteration then loads the next one before unpacking
-        kw = tl.max_contiguous(tl.multiple_of(k_start // 8, BLOCK_KW) + tl.arange(0, BLOCK_KW), BLOCK_KW)
-        next_words = tl.load(p_rows + kw[None, :], mask=n_mask[:, None] & ((kw < KW) & (kw < kw_split_end))[None, :], other=0)
+        kw = k_start // 8 + tl.arange(0, BLOCK_KW)
+        next_words = tl.load(p_rows + kw[None, :], mask=n_mask[:, None] & (kw < kw_end)[None, :], other=0)
     for k0 in range(k_start, k_end, BLOCK_KW * 8):
-        # k0 is a multiple of BLOCK_KW * 8 (k_per_split is one of the tile): 16-byte loads.
-        kw = tl.max_contiguous(tl.multiple_of(k0 // 8, BLOCK_KW) + tl.arange(0, BLOCK_KW), BLOCK_KW)
+        kw = k0 // 8 + tl.arange(0, BLOCK_KW)
         w_mask = n_mask[:, None] & (kw < KW)[None, :]
         if PREFETCH:
             # Register double buffering: Triton does not software-pipeline loads that feed no
             # tl.dot, so without this a program has one tile of weights in flight at a time.
             words = next_words
             kw_next = kw + BLOCK_KW
-            next_words = tl.load(p_rows + kw_next[None, :], mask=n_mask[:, None] & ((kw_next < KW) & (kw_next < kw_split_end))[None, :], other=0)
+            next_words = tl.load(p_rows + kw_next[None, :], mask=n_mask[:, None] & (kw_next < kw_end)[None, :], other=0)
         else:
             words = tl.load(p_rows + kw[None, :], mask=w_mask, other=0)
         k = kw[:, None] * 8 + tl.arange(0, 8)[None, :]
