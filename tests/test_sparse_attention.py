@@ -277,6 +277,23 @@ def test_select_kernel_many_chunks(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_select_kernel_early_exit_same_indices(device, monkeypatch):
+    """The top-k kernel's early-exit rounds (EARLY_EXIT) choose exactly what the fixed rounds
+    choose: random scores over many chunks, and exact ties across chunks."""
+    from deepkern.triton_kernels import sparse_attention_select as sel
+
+    q, k, _ = _inputs(1, 32 * 150, 2, 1, 64, torch.float16, device)
+    k_tied = k.clone()
+    k_tied[:, 32 * 40:32 * 100] = k[:, :32 * 6].repeat(1, 10, 1, 1)  # blocks 40-99 repeat 0-5
+    for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
+        got = {}
+        for early in (False, True):
+            monkeypatch.setattr(sel, "EARLY_EXIT", early)
+            got[early] = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
+        assert torch.equal(got[False], got[True]), f"topk={topk} causal={causal}"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("cfg", SMALL, ids=lambda c: "B{}S{}H{}/{}bs{}k{}s{}l{}{}".format(
     *c[:8], "c" if c[8] else "n"))
 def test_forward_backward(device, cfg):
