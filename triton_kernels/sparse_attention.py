@@ -37,9 +37,6 @@ LOG2E = 1.4426950408889634
 MAX_ROWS_FWD = 128
 MAX_ROWS_DQ = 128
 MAX_ROWS_DKDV = 64
-# Launch options of the backward kernels; None: the defaults in sparse_attention_bwd. For
-# A/B sweeps on the GPU (.dev scripts), not a user setting.
-BWD_OPTIONS = {"dq_warps": None, "dq_stages": None, "dkdv_warps": None, "dkdv_stages": None}
 
 
 @triton.jit
@@ -370,8 +367,7 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
         S, nb, indices.shape[-1], Hq, Hkv, G,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         qk_scale, softmax_scale,
-        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32,
-        num_warps=BWD_OPTIONS["dq_warps"] or warps, num_stages=BWD_OPTIONS["dq_stages"] or stages,
+        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, num_warps=warps, num_stages=stages,
     )
     offs, qlist = transpose_indices(indices, nb)
     hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
@@ -380,7 +376,6 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
         S, nb, B * Hkv, Hq, Hkv, G,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
         qk_scale, softmax_scale,
-        CAUSAL=causal, BS=block_size, D=D, HPQ=hpq,
-        num_warps=BWD_OPTIONS["dkdv_warps"] or warps, num_stages=BWD_OPTIONS["dkdv_stages"] or stages,
+        CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv

@@ -29,9 +29,6 @@ MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + 
 # us; BM=16 x 4 warps 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
 BM = 16  # query blocks per top-k program
 BC = 64  # key blocks per chunk
-# True: a chunk's insertion rounds stop once no row takes (a while loop) instead of running
-# TK rounds whenever any row takes; the same indices. Off until timed (.dev A/B).
-EARLY_EXIT = False
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
 
 
@@ -68,27 +65,11 @@ def _pool_kernel(
 
 
 @triton.jit
-def _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK: tl.constexpr):
-    """One round: in each row that `take`s, the best remaining candidate (score `best`, lowest
-    j among equals) replaces the worst member of the running set (lowest score, then highest
-    j, then lowest slot) and leaves the candidates."""
-    best_j = tl.min(tl.where(cur == best[:, None], jmat, 2147483647), axis=1)
-    is_worst = rs == worst[:, None]
-    worst_j = tl.max(tl.where(is_worst, rj, -2), axis=1)
-    worst_slot = tl.min(tl.where(is_worst & (rj == worst_j[:, None]), slot[None, :], TK), axis=1)
-    hit = take[:, None] & (slot[None, :] == worst_slot[:, None])
-    rs = tl.where(hit, best[:, None], rs)
-    rj = tl.where(hit, best_j[:, None], rj)
-    cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
-    return cur, rs, rj
-
-
-@triton.jit
 def _topk_kernel(
     QS, KS, OUT,
     nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    TK: tl.constexpr, WC: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    TK: tl.constexpr, WC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -117,28 +98,25 @@ def _topk_kernel(
             cand = cand & (jj[None, :] != i[:, None])
         cur = tl.where(cand, s, -float("inf"))
         jmat = jj[None, :] + tl.zeros([BM, BC], tl.int32)
-        if EARLY_EXIT:
-            # Rounds only while some row has a candidate that beats its worst member: they
-            # enter best first, so a row takes at most TK per chunk. (Not yet timed on the GPU:
-            # 112 registers against 80 for the fixed rounds below.)
-            best = tl.max(cur, axis=1)
-            worst = tl.min(rs, axis=1)
-            take = best > worst
-            while tl.sum(take.to(tl.int32), axis=0) > 0:
-                cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
+        # The round below is a no-op for rows with nothing to insert, so the `if`s only save
+        # work (they are always taken under the Triton interpreter).
+        if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
+            for _ in range(TK):
                 best = tl.max(cur, axis=1)
                 worst = tl.min(rs, axis=1)
                 take = best > worst
-        else:
-            # The round below is a no-op for rows with nothing to insert, so the `if`s only
-            # save work (they are always taken under the Triton interpreter).
-            if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
-                for _ in range(TK):
-                    best = tl.max(cur, axis=1)
-                    worst = tl.min(rs, axis=1)
-                    take = best > worst
-                    if tl.sum(take.to(tl.int32), axis=0) > 0:
-                        cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
+                if tl.sum(take.to(tl.int32), axis=0) > 0:
+                    best_j = tl.min(tl.where(cur == best[:, None], jmat, 2147483647), axis=1)
+                    # Evict the worst member: lowest score, then highest j, then lowest slot.
+                    is_worst = rs == worst[:, None]
+                    worst_j = tl.max(tl.where(is_worst, rj, -2), axis=1)
+                    worst_slot = tl.min(
+                        tl.where(is_worst & (rj == worst_j[:, None]), slot[None, :], TK), axis=1
+                    )
+                    hit = take[:, None] & (slot[None, :] == worst_slot[:, None])
+                    rs = tl.where(hit, best[:, None], rs)
+                    rj = tl.where(hit, best_j[:, None], rj)
+                    cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
     _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL, TK, WC)
 
 
@@ -212,6 +190,6 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
         qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
         CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)), WC=32,
-        EARLY_EXIT=EARLY_EXIT, num_warps=4,
+        num_warps=4,
     )
     return out
