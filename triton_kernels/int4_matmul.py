@@ -215,21 +215,28 @@ def _unpack(words, magic, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _dequant_words(words, s, z, magic, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Words [BLOCK_N, BLOCK_KW] with their scales s and zero points z ([BLOCK_N, 1]: one
+    group per row; or [BLOCK_N, BLOCK_KW]: per word) as the [BLOCK_N, 8*BLOCK_KW] tile in
+    DTYPE: (2^23 + q 16^p) - (2^23 + z 16^p) = (q - z) 16^p and (s 16^-p) are exact in fp32,
+    so their product is the exact (q - z) s, rounded once to DTYPE."""
+    f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
+    zoff = z.to(tl.float32)[:, :, None] * _pos_scale(False)[None, None, :] + MAGIC_F
+    w = (f - zoff) * (s.to(tl.float32)[:, :, None] * _pos_scale(True)[None, None, :])
+    return tl.reshape(w.to(DTYPE), [BLOCK_N, BLOCK_KW * 8])
+
+
+@triton.jit
 def _dequant_tile(
     P, S, Z, n, n_mask, k0, N, KW, group, magic,
     DTYPE: tl.constexpr, HAS_ZEROS: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """Weight rows n, columns k0 .. k0 + 8*BLOCK_KW - 1 as a [BLOCK_N, 8*BLOCK_KW] tile in
-    DTYPE, equal to Int4Weight.dequantize(DTYPE) (finite garbage where out of range):
-    (2^23 + q 16^p) - (2^23 + z 16^p) = (q - z) 16^p and (s 16^-p) are exact in fp32, so
-    their product is the exact (q - z) s, rounded once to DTYPE."""
+    DTYPE, equal to Int4Weight.dequantize(DTYPE) (finite garbage where out of range)."""
     kw = k0 // 8 + tl.arange(0, BLOCK_KW)
     mask = n_mask[:, None] & (kw < KW)[None, :]
     words = tl.load(P + n[:, None].to(tl.int64) * KW + kw[None, :], mask=mask, other=0)
-    f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
-    pos = _pos_scale(False)[None, None, :]
-    inv = _pos_scale(True)[None, None, :]
     if SCALE_PER_TILE:
         grp = k0 // group
         s = tl.load(S + grp * N + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -237,8 +244,8 @@ def _dequant_tile(
             z = tl.load(Z + grp * N + n, mask=n_mask, other=0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N], 8.0, tl.float32)
-        s = s[:, None, None]
-        z = z[:, None, None]
+        s = s[:, None]
+        z = z[:, None]
     else:
         idx = ((kw * 8) // group)[None, :] * N + n[:, None]
         s = tl.load(S + idx, mask=mask, other=0.0).to(tl.float32)
@@ -246,10 +253,7 @@ def _dequant_tile(
             z = tl.load(Z + idx, mask=mask, other=0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, BLOCK_KW], 8.0, tl.float32)
-        s = s[:, :, None]
-        z = z[:, :, None]
-    w = (f - (z * pos + MAGIC_F)) * (s * inv)
-    return tl.reshape(w.to(DTYPE), [BLOCK_N, BLOCK_KW * 8])
+    return _dequant_words(words, s, z, magic, DTYPE, BLOCK_N, BLOCK_KW)
 
 
 @triton.jit
@@ -336,16 +340,6 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _dequant_words(words, s, z, magic, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """_dequant_tile's arithmetic for words [BLOCK_N, BLOCK_KW] of one group per row, with
-    that group's scales s [BLOCK_N] and zero points z [BLOCK_N] already loaded."""
-    f = _unpack(words, magic, BLOCK_N, BLOCK_KW)
-    zoff = z.to(tl.float32)[:, None, None] * _pos_scale(False)[None, None, :] + MAGIC_F
-    w = (f - zoff) * (s.to(tl.float32)[:, None, None] * _pos_scale(True)[None, None, :])
-    return tl.reshape(w.to(DTYPE), [BLOCK_N, BLOCK_KW * 8])
-
-
-@triton.jit
 def _load_group(S, Z, k, K, N, n, n_mask, group, HAS_ZEROS: tl.constexpr):
     """Scales and zero points [BLOCK_N] of the group holding column min(k, K - 1)."""
     offs = (tl.minimum(k, K - 1) // group) * N + n
@@ -402,7 +396,7 @@ def _dot_kernel(
             words = tl.load(p_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
             s, z = s_next, z_next
             s_next, z_next = _load_group(S, Z, k0 + BLOCK_K, K, N, n, n_mask, group, HAS_ZEROS)
-            w = _dequant_words(words, s, z, magic, X.dtype.element_ty, BLOCK_N, BLOCK_K // 8)
+            w = _dequant_words(words, s[:, None], z[:, None], magic, X.dtype.element_ty, BLOCK_N, BLOCK_K // 8)
         else:
             w = _dequant_tile(P, S, Z, n, n_mask, k0, N, KW, group, magic, X.dtype.element_ty,
                               HAS_ZEROS, SCALE_PER_TILE, BLOCK_N, BLOCK_K // 8)
