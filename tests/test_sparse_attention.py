@@ -282,6 +282,25 @@ def test_select_kernel_many_chunks(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_select_kernel_early_exit_same_indices(device, monkeypatch):
+    """The top-k kernel's early-exit rounds (taken from EARLY_EXIT_FROM key blocks on, with
+    BC_EARLY_EXIT-block chunks) choose exactly what the fixed rounds choose: random scores
+    over several chunks, and exact ties across chunks."""
+    from deepkern.triton_kernels import sparse_attention_select as sel
+
+    q, k, _ = _inputs(1, 32 * 200, 2, 1, 64, torch.float16, device)
+    k_tied = k.clone()
+    k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)  # blocks 40-195 repeat 0-5
+    for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
+        got = {}
+        for early in (False, True):
+            monkeypatch.setattr(sel, "EARLY_EXIT_FROM", 0 if early else 1 << 30)
+            got[early] = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
+        assert torch.equal(got[False], got[True]), f"topk={topk} causal={causal}"
+    _check_selection(got[True], q, k_tied, 32, 20, 1, 2, False, 1 / 8)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("cfg", SMALL, ids=lambda c: "B{}S{}H{}/{}bs{}k{}s{}l{}{}".format(
     *c[:8], "c" if c[8] else "n"))
 def test_forward_backward(device, cfg):

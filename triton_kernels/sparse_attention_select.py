@@ -29,6 +29,14 @@ MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + 
 # us; BM=16 x 4 warps 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
 BM = 16  # query blocks per top-k program
 BC = 64  # key blocks per chunk
+# From this many key blocks on, a chunk's insertion rounds stop once no row takes (a while
+# loop, EARLY_EXIT) instead of running TK rounds whenever any row takes, over chunks of
+# BC_EARLY_EXIT key blocks; the same indices. H100, top-k kernel alone (.dev/sel_prof3.py):
+# S = 64K (nb = 1024) fixed rounds 356 us, early exit 408 (BC 64) / 373 (BC 128); S = 128K
+# (nb = 2048) fixed 1287 (BC 64) / 1248 (BC 128), early exit 1082 / 1051. The threshold is
+# between the two measured sizes.
+EARLY_EXIT_FROM = 1536
+BC_EARLY_EXIT = 128
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
 
 
@@ -65,11 +73,27 @@ def _pool_kernel(
 
 
 @triton.jit
+def _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK: tl.constexpr):
+    """One round: in each row that `take`s, the best remaining candidate (score `best`, lowest
+    j among equals) replaces the worst member of the running set (lowest score, then highest
+    j, then lowest slot) and leaves the candidates."""
+    best_j = tl.min(tl.where(cur == best[:, None], jmat, 2147483647), axis=1)
+    is_worst = rs == worst[:, None]
+    worst_j = tl.max(tl.where(is_worst, rj, -2), axis=1)
+    worst_slot = tl.min(tl.where(is_worst & (rj == worst_j[:, None]), slot[None, :], TK), axis=1)
+    hit = take[:, None] & (slot[None, :] == worst_slot[:, None])
+    rs = tl.where(hit, best[:, None], rs)
+    rj = tl.where(hit, best_j[:, None], rj)
+    cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
+    return cur, rs, rj
+
+
+@triton.jit
 def _topk_kernel(
     QS, KS, OUT,
     nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    TK: tl.constexpr, WC: tl.constexpr,
+    TK: tl.constexpr, WC: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -98,25 +122,28 @@ def _topk_kernel(
             cand = cand & (jj[None, :] != i[:, None])
         cur = tl.where(cand, s, -float("inf"))
         jmat = jj[None, :] + tl.zeros([BM, BC], tl.int32)
-        # The round below is a no-op for rows with nothing to insert, so the `if`s only save
-        # work (they are always taken under the Triton interpreter).
-        if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
-            for _ in range(TK):
+        if EARLY_EXIT:
+            # Rounds only while some row has a candidate that beats its worst member: they
+            # enter best first, so a row takes at most TK per chunk (112 registers against 80
+            # for the fixed rounds; faster for long rows, see EARLY_EXIT_FROM).
+            best = tl.max(cur, axis=1)
+            worst = tl.min(rs, axis=1)
+            take = best > worst
+            while tl.sum(take.to(tl.int32), axis=0) > 0:
+                cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
                 best = tl.max(cur, axis=1)
                 worst = tl.min(rs, axis=1)
                 take = best > worst
-                if tl.sum(take.to(tl.int32), axis=0) > 0:
-                    best_j = tl.min(tl.where(cur == best[:, None], jmat, 2147483647), axis=1)
-                    # Evict the worst member: lowest score, then highest j, then lowest slot.
-                    is_worst = rs == worst[:, None]
-                    worst_j = tl.max(tl.where(is_worst, rj, -2), axis=1)
-                    worst_slot = tl.min(
-                        tl.where(is_worst & (rj == worst_j[:, None]), slot[None, :], TK), axis=1
-                    )
-                    hit = take[:, None] & (slot[None, :] == worst_slot[:, None])
-                    rs = tl.where(hit, best[:, None], rs)
-                    rj = tl.where(hit, best_j[:, None], rj)
-                    cur = tl.where(take[:, None] & (jmat == best_j[:, None]), -float("inf"), cur)
+        else:
+            # The round below is a no-op for rows with nothing to insert, so the `if`s only
+            # save work (they are always taken under the Triton interpreter).
+            if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
+                for _ in range(TK):
+                    best = tl.max(cur, axis=1)
+                    worst = tl.min(rs, axis=1)
+                    take = best > worst
+                    if tl.sum(take.to(tl.int32), axis=0) > 0:
+                        cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
     _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL, TK, WC)
 
 
@@ -187,9 +214,10 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     width = sink_blocks + local_blocks + topk
     out = torch.empty((B, Hkv, nb, width), dtype=torch.int32, device=q.device)
     qs, ks = block_summaries(q, k, block_size, softmax_scale)
+    early = nb >= EARLY_EXIT_FROM
     _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
         qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
-        CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)), WC=32,
-        num_warps=4,
+        CAUSAL=causal, D=D, BM=BM, BC=BC_EARLY_EXIT if early else BC,
+        TK=max(2, triton.next_power_of_2(topk)), WC=32, EARLY_EXIT=early, num_warps=4,
     )
     return out
