@@ -374,13 +374,28 @@ constexpr int kMaxXSmem = 46 * 1024;
 
 int max_split_steps(int m) { return m > 8 ? 1 << 20 : std::max(1, (kMaxXSmem / (2 * m) - 8) / kChunkK); }
 
-// Splits of K: a power of two (even splits) whose grid fills the resident CTA slots most
-// evenly, the fewest on ties (a mostly idle last wave costs more than partials; on an H100,
-// M=1: 8192x8192 best at 4 splits, 25 us; 8192x28672 at 8, 61 us; 4096x4096 at 8, 13 us).
+// K steps per batch (U): 4 with one x tile (8192x8192, M=1: 25.1 vs 26.9 us with 2), 2 with
+// two (4 spills under the 128-register cap, so it is not built). DEEPKERN_INT4_BATCH=2|4
+// overrides for one x tile (sweeps).
+int batch_steps(int mt) {
+  const char* env = std::getenv("DEEPKERN_INT4_BATCH");
+  if (env != nullptr) return std::atoi(env) == 4 ? 4 : 2;
+  return mt == 1 ? 4 : 2;
+}
+
+// Splits of K. M <= 4: one batch of K steps per CTA, so every CTA issues all of its loads at
+// once and the many small CTAs balance across the SMs (H100, CUDA graphs, M=1, against the
+// power-of-two rule below: 4096x14336 21.3 vs 24.5 us, 8192x8192 23.4 vs 25.8, 8192x28672
+// 56.4 vs 59.4, 14336x4096 22.8 vs 26.8, 28672x8192 58.5 vs 62.9, 4096x4096 equal; at M=8
+// the extra fp32 partials made it 3-5% slower on 2 of 6 shapes, at M=4 within 2%).
+// Otherwise a power of two (even splits) whose grid fills the resident CTA slots most evenly,
+// the fewest on ties (a mostly idle last wave costs more than partials).
+// DEEPKERN_INT4_SPLITS=N overrides (sweeps).
 int choose_splits(int n, int k, int m, int slots) {
   const int k_steps = (k + kChunkK - 1) / kChunkK;
   const int min_splits = (k_steps + max_split_steps(m) - 1) / max_split_steps(m);
   if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(min_splits, std::atoi(env));
+  if (m <= 4) return std::max(min_splits, (k_steps + batch_steps(1) - 1) / batch_steps(1));
   const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
   int best = min_splits;
   double best_eff = 0.0;
@@ -391,15 +406,6 @@ int choose_splits(int n, int k, int m, int slots) {
     if (eff > best_eff + 0.02) best = s, best_eff = eff;
   }
   return std::max(best, min_splits);
-}
-
-// K steps per batch (U): 4 with one x tile (8192x8192, M=1: 25.1 vs 26.9 us with 2), 2 with
-// two (4 spills under the 128-register cap, so it is not built). DEEPKERN_INT4_BATCH=2|4
-// overrides for one x tile (sweeps).
-int batch_steps(int mt) {
-  const char* env = std::getenv("DEEPKERN_INT4_BATCH");
-  if (env != nullptr) return std::atoi(env) == 4 ? 4 : 2;
-  return mt == 1 ? 4 : 2;
 }
 
 template <typename T, typename S, bool HAS_ZEROS, int MT>

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "common/vec.cuh"
+#include "layernorm_gelu/ring.cuh"
 
 namespace deepkern::lngelu {
 
@@ -158,6 +159,7 @@ struct BwdParams {
   int64_t rows;
   int n;
   bool rms;
+  bool pull_totals;  // bwd_ring_kernel: ring_row_sum's pull (ring.cuh)
 };
 
 // (count, mean, M2) of a set of values; merged with Chan's formula.
@@ -342,7 +344,7 @@ __device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   if (threadIdx.x == 0) *slot = v;
-  cluster.sync();
+  cluster_publish(threadIdx.x == 0);
   float total = 0.f;
   for (int r = 0; r < ctas; ++r) total += *cluster.map_shared_rank(slot, r);
   return total;
@@ -436,7 +438,7 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   const float rstd = rsqrtf(cluster_total(group_sum(ss, warps, scratch[1]), &part[1], ctas) / n + p.eps);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // No CTA may exit while another still reads its `part`: arrive now, wait before exiting.
-  if (ctas > 1) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  if (ctas > 1) cluster_arrive_relaxed();  // publishes nothing
 #endif
   if (t == 0 && base == 0) {
     p.mean[row] = mean;
