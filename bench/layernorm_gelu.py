@@ -4,9 +4,10 @@ Providers: ours per backend, eager F.gelu(F.layer_norm(...)), torch.compile of t
 (fresh compile per shape), Liger's LayerNorm followed by F.gelu when liger-kernel is installed.
 Bytes: forward = read x + write y; forward+backward adds read x, dy + write dx.
 Every provider is timed as a CUDA-graph replay (harness.time_graph_ms), the forward+backward
-through autograd.grad captured whole: on the H100 bench machine the host time of one eager
-forward+backward through autograd (~250-300 us CUDA, ~600-800 us Triton) is close to or above
-its GPU time at several shapes, so eager timing measured the CPU, not the kernels.
+through autograd.grad captured whole, so the numbers are GPU time: the host time of an eager
+forward+backward through autograd on the H100 bench machine (~250-300 us CUDA, ~600-800 us
+Triton) is close to its GPU time at the small shapes (Triton fwd+bwd at 65536x1024: 318 us
+eager, 260 us replayed; the other rows moved by less than 2%).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(1024 / ITERS, 1) bwd_ring_kernel(BwdParams p, 
         c2 = fmaf(g[i][j], xhat, c2);
       }
     }
-    const float2 c = ring_row_sum(c1, c2, warps, ctas, rank, k & 1, red, cl, p.pull_totals);
+    const float2 c = ring_row_sum(c1, c2, warps, ctas, rank, k & 1, red, cl);
     // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), as
     // fma(g, rstd, fma(x - mean, -rstd^2 * m2, -rstd * m1)).
     const float a1 = p.rms ? 0.f : -rstd * c.x * inv_n, a2 = -rstd * rstd * c.y * inv_n;
@@ -122,7 +122,6 @@ __global__ void __launch_bounds__(1024 / ITERS, 1) bwd_ring_kernel(BwdParams p, 
     stage = stage == S - 1 ? 0 : stage + 1;
   }
   cp_async_wait<0>();  // no copy may land after exit
-  if (ctas > 1 && p.pull_totals) cluster_arrive_relaxed();  // peers may still read our last total
 
   const int64_t at_row = first + group;
 #pragma unroll
@@ -132,7 +131,6 @@ __global__ void __launch_bounds__(1024 / ITERS, 1) bwd_ring_kernel(BwdParams p, 
     if (p.dw_part) store_float<float, VEC>(p.dw_part + at, dw[i]);
     if (p.db_part) store_float<float, VEC>(p.db_part + at, db[i]);
   }
-  if (ctas > 1 && p.pull_totals) cluster_wait();
 }
 
 // ---------------------------------------------------------------------------------------

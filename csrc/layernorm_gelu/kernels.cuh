@@ -159,7 +159,6 @@ struct BwdParams {
   int64_t rows;
   int n;
   bool rms;
-  bool pull_totals;  // bwd_ring_kernel: ring_row_sum's pull (ring.cuh)
 };
 
 // (count, mean, M2) of a set of values; merged with Chan's formula.

@@ -237,7 +237,6 @@ template <typename T, typename PT, bool TANH, typename Alloc>
 int64_t launch_bwd_ring(BwdParams& p, int device, cudaStream_t stream, Alloc&& alloc_parts) {
   const Ring g = ring_geometry(p.n / (16 / static_cast<int>(sizeof(T))), p.rows, device);
   if (g.iters == 0) return 0;
-  p.pull_totals = g.ctas <= 8;  // measured: ring.cuh, ring_row_sum
   auto run = [&](auto iters_c) -> int64_t {
     constexpr int kIters = decltype(iters_c)::value;
     const auto kernel = lngelu::bwd_ring_kernel<T, PT, kIters, TANH>;

@@ -68,9 +68,12 @@ __device__ __forceinline__ void cluster_barrier() {
 // waits for the thread's outstanding global stores (the previous row's output). Here only
 // `writer` threads fence, and only their own CTA's shared memory (release restricted to
 // shared::cta, a CTA-scope MEMBAR), everyone arrives relaxed, and readers acquire restricted
-// to shared::cluster. H100 bf16, against the plain barrier, outputs bitwise equal: forward
-// 4096x65536 479 vs 521 us, 2048x131072 504 vs 540, 8192x32768 470 vs 484; backward
-// 4096x65536 828 vs 914, 8192x32768 783 vs 909, 8192x12288 304 vs 332 (see ring_row_sum).
+// to shared::cluster. Used by the forward's cluster_total (kernels.cuh): H100 bf16, outputs
+// bitwise equal to the plain barrier's, 4096x65536 474 vs 510 us (2048x131072 504 vs 540,
+// 8192x32768 470 vs 484). Not in bwd_ring_kernel: ring_row_sum pulling the peers' totals
+// after it (16 remote loads per thread with 16 CTAs) was no faster at 4096x65536 (870 vs
+// 855 us), 1071 vs 1012 at 2048x131072, and the extra code alone slowed the single-CTA rows
+// (32768x5120 486 vs 422 us).
 __device__ __forceinline__ void cluster_publish(bool writer) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (writer) asm volatile("fence.release.sync_restrict::shared::cta.cluster;\n" ::: "memory");
@@ -83,15 +86,10 @@ __device__ __forceinline__ void cluster_publish(bool writer) {
 }
 
 // Arrival that only keeps this CTA's shared memory alive for the cluster (publishes nothing):
-// pair with cluster_wait() before the CTA exits.
+// pair with a barrier.cluster.wait before the CTA exits.
 __device__ __forceinline__ void cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #endif
 }
 
@@ -110,17 +108,11 @@ __device__ __forceinline__ float warp_sum_pair(float a, float b) {
 // Row totals of (c1, c2) in every thread of the row: a warp, then the CTA's warps of the row
 // (partials in `red` by row parity, so one barrier per row: a buffer is written again only
 // two rows later, after every thread has passed the next row's barrier), then the cluster's
-// CTAs, with one cluster barrier per row; all add the totals in rank order, so every CTA gets
-// the same bits. pull: each CTA leaves its total in its own cl[parity][0] and every thread
-// reads the cluster's (cluster_publish; the kernel must not exit before its peers' last
-// reads: cluster_arrive_relaxed + cluster_wait at the end); else each CTA pushes its total
-// into every CTA's cl[parity][rank] before a plain cluster barrier. With 16 CTAs the pull's
-// 16 remote loads per thread cost more than the barrier saves (2048x131072 bf16: 1071 vs
-// 1012 us; lane r loading rank r and summing through shuffles: 1258), so the host pulls only
-// up to 8 CTAs.
+// CTAs (each pushes its total into every CTA's `cl`, by parity; one cluster barrier; all add
+// the totals in rank order, so every CTA gets the same bits).
 __device__ __forceinline__ float2 ring_row_sum(float c1, float c2, int warps, int ctas, int rank,
                                                int parity, float2 (*red)[32],
-                                               float2 (*cl)[kMaxClusterRing], bool pull) {
+                                               float2 (*cl)[kMaxClusterRing]) {
   float v = warp_sum_pair(c1, c2);
   if (warps > 1) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, first = warp - warp % warps;
@@ -135,20 +127,10 @@ __device__ __forceinline__ float2 ring_row_sum(float c1, float c2, int warps, in
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
-    if (pull) {
-      if (threadIdx.x == 0) cl[parity][0] = total;
-      cluster_publish(threadIdx.x == 0);
-      total = make_float2(0.f, 0.f);
-      for (int r = 0; r < ctas; ++r) {
-        const float2 v = *cluster.map_shared_rank(&cl[parity][0], r);
-        total.x += v.x, total.y += v.y;
-      }
-    } else {
-      if (threadIdx.x < ctas) *cluster.map_shared_rank(&cl[parity][rank], threadIdx.x) = total;
-      cluster_barrier();
-      total = make_float2(0.f, 0.f);
-      for (int r = 0; r < ctas; ++r) total.x += cl[parity][r].x, total.y += cl[parity][r].y;
-    }
+    if (threadIdx.x < ctas) *cluster.map_shared_rank(&cl[parity][rank], threadIdx.x) = total;
+    cluster_barrier();
+    total = make_float2(0.f, 0.f);
+    for (int r = 0; r < ctas; ++r) total.x += cl[parity][r].x, total.y += cl[parity][r].y;
 #else
     __trap();
 #endif
