@@ -238,19 +238,21 @@ def test_select_kernel_ties_lower_block_wins(device, causal):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_select_kernel_ties_across_chunks(device):
-    """Tied blocks fill the running set in the first chunk (BC=64 key blocks); a strictly
-    better block in the second chunk must evict the tied member with the highest id."""
-    nb, bs, D = 70, 32, 64
+    """Tied blocks fill the running set in the first chunk (BC key blocks); a strictly better
+    block, the first of the second chunk, must evict the tied member with the highest id."""
+    from deepkern.triton_kernels.sparse_attention_select import BC
+
+    nb, bs, D = BC + 6, 32, 64
     u = torch.randn(D)
     block = u + 0.3 * torch.randn(bs, D)
     k = block.repeat(nb, 1)
-    k[64 * bs:65 * bs] = 2 * block  # block 64 scores exactly twice the others
+    k[BC * bs:(BC + 1) * bs] = 2 * block  # block BC scores exactly twice the others
     k = k.view(1, nb * bs, 1, D).half().to(device)
     q = (u + 0.3 * torch.randn(nb * bs, D)).view(1, nb * bs, 1, D).half().to(device)
     for causal in (True, False):
         idx = deepkern.select_blocks(q, k, bs, 3, 0, 1, causal, backend="triton")
         ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 3, 0, 1, causal)
-        assert ref[0, 0, 69].tolist() == [0, 1, 64, 69]
+        assert ref[0, 0, nb - 1].tolist() == [0, 1, BC, nb - 1]
         assert torch.equal(idx.cpu(), ref)
 
 
@@ -273,7 +275,7 @@ def test_select_kernel_recent_blocks_win(device, sink):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_select_kernel_many_chunks(device):
-    """More key blocks than one chunk (BC=64) and query blocks than one program (BM=16), and
+    """More key blocks than one chunk (BC=128) and query blocks than one program (BM=16), and
     topk not a power of two: exercises the streaming merge across chunks."""
     q, k, _ = _inputs(1, 32 * 150, 1, 1, 64, torch.float16, device)
     for causal in (True, False):
@@ -282,22 +284,16 @@ def test_select_kernel_many_chunks(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_early_exit_same_indices(device, monkeypatch):
-    """The top-k kernel's early-exit rounds (taken from EARLY_EXIT_FROM key blocks on, with
-    BC_EARLY_EXIT-block chunks) choose exactly what the fixed rounds choose: random scores
-    over several chunks, and exact ties across chunks."""
-    from deepkern.triton_kernels import sparse_attention_select as sel
-
+def test_select_kernel_long_rows_and_ties(device):
+    """Rows over several chunks (the insertion rounds run while some row of the program takes)
+    with random scores and with exact ties across chunks (blocks 40-195 repeat blocks 0-5:
+    the lower block wins), against the fp64 reference."""
     q, k, _ = _inputs(1, 32 * 200, 2, 1, 64, torch.float16, device)
     k_tied = k.clone()
-    k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)  # blocks 40-195 repeat 0-5
+    k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)
     for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
-        got = {}
-        for early in (False, True):
-            monkeypatch.setattr(sel, "EARLY_EXIT_FROM", 0 if early else 1 << 30)
-            got[early] = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
-        assert torch.equal(got[False], got[True]), f"topk={topk} causal={causal}"
-    _check_selection(got[True], q, k_tied, 32, 20, 1, 2, False, 1 / 8)
+        idx = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
+        _check_selection(idx, q, keys, 32, topk, 1, 2, causal, 1 / 8)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

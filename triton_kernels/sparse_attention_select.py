@@ -9,9 +9,9 @@ since as ~10 small torch ops it cost ~210 us of host time per call on the H100 m
 
 Top-k merge: a program owns BM query blocks. Per chunk of BC key blocks it computes the
 [BM, BC] scores with one fp32 dot, then repeatedly moves each row's best remaining chunk
-candidate into the row's running set in place of the set's worst member, while it beats that
-member; at most TK rounds per chunk, and a chunk where no row has a candidate that beats its
-current worst is skipped whole (the common case once the running sets have filled). Order:
+candidate into the row's running set in place of the set's worst member, while some row has
+a candidate that beats its worst member (a row takes at most TK per chunk: candidates enter
+best first; once the running sets have filled most chunks end after one comparison). Order:
 score descending, then j ascending; chunks are visited in ascending j, so a candidate must
 strictly beat the worst member (which has a lower j) to enter.
 """
@@ -25,18 +25,16 @@ import triton.language as tl
 from deepkern.reference.sparse_attention import assemble_indices, num_blocks
 
 MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + ids
-# H100, S = 64K (nb = 1024, B*Hkv = 8) / 128K, top-k kernel alone: BM=32 x 8 warps 486 / 1410
-# us; BM=16 x 4 warps 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
+# H100, S = 64K (nb = 1024, B*Hkv = 8) / 128K, top-k kernel alone, with TK rounds in every
+# chunk where any row takes (before e607ca4): BM=32 x 8 warps 486 / 1410 us; BM=16 x 4 warps
+# 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
 BM = 16  # query blocks per top-k program
-BC = 64  # key blocks per chunk
-# From this many key blocks on, a chunk's insertion rounds stop once no row takes (a while
-# loop, EARLY_EXIT) instead of running TK rounds whenever any row takes, over chunks of
-# BC_EARLY_EXIT key blocks; the same indices. H100, top-k kernel alone (.dev/sel_prof3.py):
-# S = 64K (nb = 1024) fixed rounds 356 us, early exit 408 (BC 64) / 373 (BC 128); S = 128K
-# (nb = 2048) fixed 1287 (BC 64) / 1248 (BC 128), early exit 1082 / 1051. The threshold is
-# between the two measured sizes.
-EARLY_EXIT_FROM = 1536
-BC_EARLY_EXIT = 128
+# Key blocks per chunk. Rounds while some row takes, 128-block chunks, longest rows first,
+# against TK rounds whenever any row takes over 64-block chunks in launch order (H100, top-k
+# kernel alone, .dev/sel_keys.py, the same indices): S = 8K 27 vs 34 us, 32K 128 vs 147, 64K
+# 361 vs 356, 128K 993 vs 1237. (Ranking by one int64 key per (score, j), one reduction per
+# side instead of three, was slower: 128K 1024-1297 us, 64K 388-474.)
+BC = 128
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
 
 
@@ -93,13 +91,13 @@ def _topk_kernel(
     QS, KS, OUT,
     nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    TK: tl.constexpr, WC: tl.constexpr, EARLY_EXIT: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    TK: tl.constexpr, WC: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
     if LONGEST_FIRST:
         # Launch order by descending query block across all (batch, kv head): causal, the last
         # blocks stream the most key blocks, and started last they formed the tail. H100, top-k
         # kernel alone, S = 128K: 992 vs 1050 us (query blocks reversed per kv head only: 999);
-        # S = 64K (fixed rounds): 364 vs 356, so only with EARLY_EXIT (.dev/sel_order.py).
+        # .dev/sel_order.py.
         n_bh = tl.num_programs(1)
         flat = tl.program_id(0) * n_bh + tl.program_id(1)
         pid = tl.num_programs(0) - 1 - flat // n_bh
@@ -132,28 +130,14 @@ def _topk_kernel(
             cand = cand & (jj[None, :] != i[:, None])
         cur = tl.where(cand, s, -float("inf"))
         jmat = jj[None, :] + tl.zeros([BM, BC], tl.int32)
-        if EARLY_EXIT:
-            # Rounds only while some row has a candidate that beats its worst member: they
-            # enter best first, so a row takes at most TK per chunk (112 registers against 80
-            # for the fixed rounds; faster for long rows, see EARLY_EXIT_FROM).
+        best = tl.max(cur, axis=1)
+        worst = tl.min(rs, axis=1)
+        take = best > worst
+        while tl.sum(take.to(tl.int32), axis=0) > 0:
+            cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
             best = tl.max(cur, axis=1)
             worst = tl.min(rs, axis=1)
             take = best > worst
-            while tl.sum(take.to(tl.int32), axis=0) > 0:
-                cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
-                best = tl.max(cur, axis=1)
-                worst = tl.min(rs, axis=1)
-                take = best > worst
-        else:
-            # The round below is a no-op for rows with nothing to insert, so the `if`s only
-            # save work (they are always taken under the Triton interpreter).
-            if tl.sum((tl.max(cur, axis=1) > tl.min(rs, axis=1)).to(tl.int32), axis=0) > 0:
-                for _ in range(TK):
-                    best = tl.max(cur, axis=1)
-                    worst = tl.min(rs, axis=1)
-                    take = best > worst
-                    if tl.sum(take.to(tl.int32), axis=0) > 0:
-                        cur, rs, rj = _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK)
     _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL, TK, WC)
 
 
@@ -224,11 +208,9 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     width = sink_blocks + local_blocks + topk
     out = torch.empty((B, Hkv, nb, width), dtype=torch.int32, device=q.device)
     qs, ks = block_summaries(q, k, block_size, softmax_scale)
-    early = nb >= EARLY_EXIT_FROM
     _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
         qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
-        CAUSAL=causal, D=D, BM=BM, BC=BC_EARLY_EXIT if early else BC,
-        TK=max(2, triton.next_power_of_2(topk)), WC=32, EARLY_EXIT=early,
-        LONGEST_FIRST=early and causal, num_warps=4,
+        CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)), WC=32,
+        LONGEST_FIRST=causal, num_warps=4,
     )
     return out
