@@ -212,6 +212,11 @@ def _fwd_loop_kernel(
 ):
     # One program per row. (Persistent programs, a few per SM so that pass 2 re-reads from L2,
     # measured slower: 4096x65536 bf16 815 us vs 570 us, fewer loads in flight.)
+    # Pass 2 walks the chunks last to first, so it starts on those pass 1 loaded last (the
+    # likeliest still in L2), and x is loaded evict_last in pass 1, evict_first in pass 2, y
+    # stored streaming (.cs). H100 bf16, same bits: 4096x65536 493 vs 580 us, 2048x131072 525
+    # vs 637, 8192x49152 698 vs 873 (reverse order alone: 500 / 531 / 728; hints alone: 578 /
+    # 592 / 858; .dev/ln_loop_ab.py).
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     h_row = H + row * N
@@ -222,7 +227,7 @@ def _fwd_loop_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
             h = (x + r).to(H.dtype.element_ty)
@@ -246,15 +251,16 @@ def _fwd_loop_kernel(
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
     # Pass 2: re-read (h when a residual was added; the chunks are likely still in L2).
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    n_chunks = tl.cdiv(N, BLOCK_N)
+    for c in range(0, n_chunks):
+        cols = (n_chunks - 1 - c) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
         if HAS_RES:
-            x = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(h_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         else:
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         y = _affine_gelu((x - mean) * rstd, W, B, cols, mask, HAS_W, HAS_B, TANH, WIDE, FAST)
-        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
 # ------------------------------------------------------------------------------------------
@@ -346,6 +352,7 @@ def _fwd(x, weight, bias, residual, eps: float, rmsnorm: bool, tanh: bool, confi
         block = _loop_chunk(n)
         warps = 4 if block <= 1024 else 8
         if n % 16384 == 0:  # H100 4096x65536 bf16: 16384 x 32 warps 540 us, 4096 x 8 569
+            # (before the reversed pass 2; with it, 8192 x 16 warps: 499 vs 493)
             block, warps = 16384, 32
         block = config.get("block", block)
         launch(_fwd_loop_kernel, (rows,), args, dict(flags, BLOCK_N=block),
