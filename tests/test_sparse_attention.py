@@ -287,13 +287,25 @@ def test_select_kernel_many_chunks(device):
 def test_select_kernel_long_rows_and_ties(device):
     """Rows over several chunks (the insertion rounds run while some row of the program takes)
     with random scores and with exact ties across chunks (blocks 40-195 repeat blocks 0-5:
-    the lower block wins), against the fp64 reference."""
+    the lower block wins), against the fp64 reference and the tie order."""
     q, k, _ = _inputs(1, 32 * 200, 2, 1, 64, torch.float16, device)
     k_tied = k.clone()
     k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)
+    copy_of = [j if j < 40 or j >= 196 else (j - 40) % 6 for j in range(200)]
     for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
         idx = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
         _check_selection(idx, q, keys, 32, topk, 1, 2, causal, 1 / 8)
+        if keys is not k_tied:
+            continue
+        # Bit-identical blocks score bit-identically: a chosen block's lower copies must all
+        # be in the row too (sinks, local blocks and the row's own block are not choices).
+        for i, row in enumerate(idx[0, 0].tolist()):
+            kept = set(row) - {-1}
+            for j in kept:
+                if j < 1 or (j > i - 2 if causal else j == i):
+                    continue
+                lower = {c for c in range(j) if copy_of[c] == copy_of[j]}
+                assert lower <= kept, f"causal={causal} row {i}: {j} kept without {sorted(lower - kept)}"
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
