@@ -284,6 +284,36 @@ def test_select_kernel_many_chunks(device):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_select_kernel_64_row_programs(device, monkeypatch):
+    """The 64-query-block programs that long sequences get (rows_per_program), forced on a
+    small case: several programs, rows over two key chunks, topk 5 and 16, both masks."""
+    from deepkern.triton_kernels import sparse_attention_select as sel
+
+    monkeypatch.setattr(sel, "rows_per_program", lambda nb, n_bh, tk: 64)
+    q, k, _ = _inputs(1, 32 * 150, 2, 1, 64, torch.float16, device)
+    for topk, causal in ((5, True), (16, False)):
+        idx = deepkern.select_blocks(q, k, 32, topk, 1, 2, causal, backend="triton")
+        _check_selection(idx, q, k, 32, topk, 1, 2, causal, 1 / 8)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_select_kernel_infinite_summaries(device):
+    """A key block with +inf scores +inf against every query (the positive summaries) and is
+    every later row's first choice; one with -inf ranks lowest, as in the reference."""
+    nb, bs, D = 12, 32, 64
+    q = (1 + 0.1 * torch.randn(1, nb * bs, 1, D)).half().to(device)
+    k = torch.randn(1, nb * bs, 1, D).half().to(device)
+    k[0, 3 * bs + 5, 0, 7] = float("inf")
+    k[0, 5 * bs + 2, 0, 9] = float("-inf")
+    idx = deepkern.select_blocks(q, k, bs, 2, 1, 1, True, backend="triton").cpu()
+    ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 2, 1, 1, True)
+    assert (ref[0, 0, 4:] == 3).any(-1).all() and not (ref[0, 0, 8:] == 5).any()
+    assert (idx[0, 0, 4:] == 3).any(-1).all(), idx[0, 0]
+    assert not (idx[0, 0, 8:] == 5).any(), idx[0, 0]
+    _check_format(idx, nb, True)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_select_kernel_long_rows_and_ties(device):
     """Rows over several chunks (the insertion rounds run while some row of the program takes)
     with random scores and with exact ties across chunks (blocks 40-195 repeat blocks 0-5:

@@ -7,13 +7,14 @@ it streams over the key-block summaries in chunks, then writes each row's final 
 (sinks, choices and local blocks, ascending, -1 padded: the assembly is part of the kernel,
 since as ~10 small torch ops it cost ~210 us of host time per call on the H100 machine).
 
-Top-k merge: a program owns BM query blocks. Per chunk of BC key blocks it computes the
-[BM, BC] scores with one fp32 dot, then repeatedly moves each row's best remaining chunk
-candidate into the row's running set in place of the set's worst member, while some row has
-a candidate that beats its worst member (a row takes at most TK per chunk: candidates enter
-best first; once the running sets have filled most chunks end after one comparison). Order:
-score descending, then j ascending; chunks are visited in ascending j, so a candidate must
-strictly beat the worst member (which has a lower j) to enter.
+Top-k merge: a program owns BM query blocks (16 or 64: rows_per_program). Per chunk of BC
+key blocks it computes the [BM, BC] scores with one fp32-accurate tensor-core dot (3xTF32),
+then repeatedly moves each row's best remaining chunk candidate into the row's running set in
+place of the set's worst member, while some row has a candidate that beats its worst member
+(a row takes at most TK per chunk: candidates enter best first; once the running sets have
+filled most chunks end after one comparison). Order: score descending, then j ascending;
+chunks are visited in ascending j, so a candidate must strictly beat the worst member (which
+has a lower j) to enter.
 """
 
 from __future__ import annotations
@@ -25,16 +26,33 @@ import triton.language as tl
 from deepkern.reference.sparse_attention import assemble_indices, num_blocks
 
 MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + ids
-# H100, S = 64K (nb = 1024, B*Hkv = 8) / 128K, top-k kernel alone, with TK rounds in every
-# chunk where any row takes (before e607ca4): BM=32 x 8 warps 486 / 1410 us; BM=16 x 4 warps
-# 359 / 1292 (more programs; BM=8: 540 / 1838); BC=32: 730 / 2172.
-BM = 16  # query blocks per top-k program
 # Key blocks per chunk. Rounds while some row takes, 128-block chunks, longest rows first,
 # against TK rounds whenever any row takes over 64-block chunks in launch order (H100, top-k
 # kernel alone, .dev/sel_keys.py, the same indices): S = 8K 27 vs 34 us, 32K 128 vs 147, 64K
 # 361 vs 356, 128K 993 vs 1237. (Ranking by one int64 key per (score, j), one reduction per
-# side instead of three, was slower: 128K 1024-1297 us, 64K 388-474.)
+# side instead of three, was slower: 128K 1024-1297 us, 64K 388-474. A pre-pass computing a
+# per-row score threshold from 16-block slice maxima, so the rounds see fewer candidates, was
+# slower too: it repeats the score dot, 128K 1748-1989 us.)
 BC = 128
+# The score dot runs as 3xTF32 on the tensor cores (fp32 accuracy: tf32 hi/lo splits): H100,
+# top-k kernel alone, B=1 Hkv=8 D=128 causal, against fp32 FMA ("ieee"), the same indices at
+# every row: S = 8K 24 vs 27 us, 32K 72 vs 128, 64K 187 vs 352, 128K 470 vs 937. Plain tf32
+# (128K 372 us) changed 120 of 16384 rows.
+SCORE_PRECISION = "tf32x3"
+
+
+def rows_per_program(nb: int, n_bh: int, tk: int) -> int:
+    """Query blocks per top-k program. With tensor-core scores a 64-row program reuses each
+    key chunk 4x as often as a 16-row one, but needs ~one program per SM to fill the GPU.
+    H100, tf32x3, B=1 Hkv=8, BM 16 / 32 / 64 (4 warps; 8 warps slower everywhere): S = 8K 24 /
+    32 / 30 us, 32K 72 / 87 / 82 (64 programs at BM=64), 64K 187 / 167 / 124 (128 programs),
+    128K 470 / 436 / 350; non-causal 32K 72 / 87 / 85. Running sets past 32 slots stay at 16
+    rows (registers: [BM, TK] scores and ids next to the [BM, BC] chunk)."""
+    if tk <= 32 and triton.cdiv(nb, 64) * n_bh >= 128:
+        return 64
+    return 16
+
+
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the lowest float
 
 
@@ -92,6 +110,7 @@ def _topk_kernel(
     nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
     TK: tl.constexpr, WC: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     if LONGEST_FIRST:
         # Launch order by descending query block across all (batch, kv head): causal, the last
@@ -109,6 +128,7 @@ def _topk_kernel(
     d = tl.arange(0, D)
     base = bh * nb * D
     qs = tl.load(QS + base + i[:, None] * D + d[None, :], mask=(i < nb)[:, None], other=0.0)
+    q_inf = tl.sum((tl.abs(qs) == float("inf")).to(tl.int32)) > 0
     slot = tl.arange(0, TK)
     # Slots >= topk hold +inf so they are never the worst member (never replaced).
     rs = tl.where(slot[None, :] < topk, -float("inf"), float("inf")) + tl.zeros([BM, TK], tl.float32)
@@ -120,7 +140,12 @@ def _topk_kernel(
     for j0 in range(sink, j_end, BC):
         jj = j0 + tl.arange(0, BC)
         ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None], other=0.0)
-        s = tl.dot(qs, tl.trans(ks), input_precision="ieee")
+        # 3xTF32 splits x into hi + (x - hi): an infinite summary would score NaN instead of
+        # +-inf, so chunks meeting one (inputs with inf) take the fp32 FMA dot.
+        if q_inf | (tl.sum((tl.abs(ks) == float("inf")).to(tl.int32)) > 0):
+            s = tl.dot(qs, tl.trans(ks), input_precision="ieee")
+        else:
+            s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION)
         s = tl.where(s != s, LOWEST, s)
         s = tl.maximum(s, LOWEST)
         cand = (jj[None, :] < nb) & (i[:, None] < nb)
@@ -208,9 +233,11 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     width = sink_blocks + local_blocks + topk
     out = torch.empty((B, Hkv, nb, width), dtype=torch.int32, device=q.device)
     qs, ks = block_summaries(q, k, block_size, softmax_scale)
-    _topk_kernel[(triton.cdiv(nb, BM), B * Hkv)](
+    tk = max(2, triton.next_power_of_2(topk))
+    bm = rows_per_program(nb, B * Hkv, tk)
+    _topk_kernel[(triton.cdiv(nb, bm), B * Hkv)](
         qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
-        CAUSAL=causal, D=D, BM=BM, BC=BC, TK=max(2, triton.next_power_of_2(topk)), WC=32,
-        LONGEST_FIRST=causal, num_warps=4,
+        CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
+        PRECISION=SCORE_PRECISION, num_warps=4,
     )
     return out
