@@ -58,7 +58,7 @@ LOWEST = tl.constexpr(-3.4028234663852886e38)  # NaN / -inf scores rank as the l
 
 @triton.jit
 def _pool_kernel(
-    Q, K, QS, KS,
+    Q, K, QS, KS, BIG,
     S, nb, Hkv,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     q_scale,
@@ -83,9 +83,16 @@ def _pool_kernel(
         head = h * G + g
         q_ptr = Q + b * stride_qb + pos64[:, None] * stride_qs + head * stride_qh + d[None, :]
         q_sum += tl.sum(tl.load(q_ptr, mask=valid, other=0.0).to(tl.float32), axis=0)
-    out = (bh.to(tl.int64) * nb + j) * D + d
-    tl.store(KS + out, k_sum / count)
-    tl.store(QS + out, q_sum / (count * G) * q_scale)
+    row = bh.to(tl.int64) * nb + j
+    k_mean = k_sum / count
+    q_mean = q_sum / (count * G) * q_scale
+    tl.store(KS + row * D + d, k_mean)
+    tl.store(QS + row * D + d, q_mean)
+    # Bit 0: the key summary has an entry past 1e38 (inf included), bit 1: the query summary
+    # (see _topk_kernel).
+    k_big = tl.max((tl.abs(k_mean) > 1e38).to(tl.int32), axis=0)
+    q_big = tl.max((tl.abs(q_mean) > 1e38).to(tl.int32), axis=0)
+    tl.store(BIG + row, (k_big | (q_big << 1)).to(tl.int8))
 
 
 @triton.jit
@@ -105,12 +112,23 @@ def _insert_best(cur, rs, rj, jmat, slot, best, worst, take, TK: tl.constexpr):
 
 
 @triton.jit
+def _fma_scores(QS, KS, i, jj, nb, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """[BM, BC] scores qs[i] . ks[jj] as fp32 FMAs over the D columns."""
+    s = tl.zeros([BM, BC], dtype=tl.float32)
+    for c in range(D):
+        qc = tl.load(QS + i * D + c, mask=i < nb, other=0.0)
+        kc = tl.load(KS + jj * D + c, mask=jj < nb, other=0.0)
+        s += qc[:, None] * kc[None, :]
+    return s
+
+
+@triton.jit
 def _topk_kernel(
-    QS, KS, OUT,
+    QS, KS, BIG, OUT,
     nb, topk, sink, local, width,
     CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
     TK: tl.constexpr, WC: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FMA: tl.constexpr,
 ):
     if LONGEST_FIRST:
         # Launch order by descending query block across all (batch, kv head): causal, the last
@@ -125,26 +143,50 @@ def _topk_kernel(
         pid = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
     i = pid * BM + tl.arange(0, BM)
-    d = tl.arange(0, D)
-    base = bh * nb * D
-    qs = tl.load(QS + base + i[:, None] * D + d[None, :], mask=(i < nb)[:, None], other=0.0)
-    q_inf = tl.sum((tl.abs(qs) == float("inf")).to(tl.int32)) > 0
-    slot = tl.arange(0, TK)
-    # Slots >= topk hold +inf so they are never the worst member (never replaced).
-    rs = tl.where(slot[None, :] < topk, -float("inf"), float("inf")) + tl.zeros([BM, TK], tl.float32)
-    rj = tl.full([BM, TK], -1, tl.int32)
     if CAUSAL:
         j_end = tl.minimum(nb, pid * BM + BM - local)  # candidates satisfy j <= i - local
     else:
         j_end = nb
+    # 3xTF32 splits x into hi + (x - hi): a summary entry past ~1e38 (hi rounds to inf) would
+    # score NaN instead of +-inf or its value. Programs whose query rows or candidate key
+    # blocks have one (bit 1 / bit 0 of BIG) are left to a second launch (FMA=True) that
+    # computes their scores with fp32 FMAs. Not chosen per chunk or per program in one launch:
+    # with the FMA code behind a branch the fast path ran 10-45% slower even when the branch
+    # was never taken (H100 top-k 32K 73 -> 98 us, 128K 351 -> 394; branch around the whole
+    # loop: 128K 353 -> 391). The launch here skips the other launch's programs by an empty
+    # loop and masked stores, no branch; the second launch costs ~3 us.
+    big = tl.max(tl.load(BIG + bh * nb + i, mask=i < nb, other=0) & 2, axis=0)
+    for j0 in range(0, j_end, 1024):
+        jb = j0 + tl.arange(0, 1024)
+        big |= tl.max(tl.load(BIG + bh * nb + jb, mask=(jb >= sink) & (jb < j_end), other=0) & 1, axis=0)
+    if FMA:
+        mine = big != 0
+    else:
+        mine = big == 0
+    j_stop = tl.where(mine, j_end, sink)
+    _topk_rows(QS, KS, OUT, bh, i, j_stop, mine, nb, topk, sink, local, width,
+               CAUSAL, D, BM, BC, TK, WC, FMA, PRECISION)
+
+
+@triton.jit
+def _topk_rows(QS, KS, OUT, bh, i, j_end, store, nb, topk, sink, local, width,
+               CAUSAL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+               TK: tl.constexpr, WC: tl.constexpr, FMA: tl.constexpr, PRECISION: tl.constexpr):
+    """Query blocks i of (batch, kv head) bh: stream the candidate key blocks [sink, j_end)
+    in chunks of BC, keep each row's best topk, store the rows' indices if `store`."""
+    d = tl.arange(0, D)
+    base = bh * nb * D
+    qs = tl.load(QS + base + i[:, None] * D + d[None, :], mask=(i < nb)[:, None], other=0.0)
+    slot = tl.arange(0, TK)
+    # Slots >= topk hold +inf so they are never the worst member (never replaced).
+    rs = tl.where(slot[None, :] < topk, -float("inf"), float("inf")) + tl.zeros([BM, TK], tl.float32)
+    rj = tl.full([BM, TK], -1, tl.int32)
     for j0 in range(sink, j_end, BC):
         jj = j0 + tl.arange(0, BC)
-        ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None], other=0.0)
-        # 3xTF32 splits x into hi + (x - hi): an infinite summary would score NaN instead of
-        # +-inf, so chunks meeting one (inputs with inf) take the fp32 FMA dot.
-        if q_inf | (tl.sum((tl.abs(ks) == float("inf")).to(tl.int32)) > 0):
-            s = tl.dot(qs, tl.trans(ks), input_precision="ieee")
+        if FMA:
+            s = _fma_scores(QS + base, KS + base, i, jj, nb, D, BM, BC)
         else:
+            ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None], other=0.0)
             s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION)
         s = tl.where(s != s, LOWEST, s)
         s = tl.maximum(s, LOWEST)
@@ -163,11 +205,11 @@ def _topk_kernel(
             best = tl.max(cur, axis=1)
             worst = tl.min(rs, axis=1)
             take = best > worst
-    _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL, TK, WC)
+    _store_row_indices(OUT, bh, i, store, rj, nb, sink, local, width, CAUSAL, TK, WC)
 
 
 @triton.jit
-def _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL: tl.constexpr,
+def _store_row_indices(OUT, bh, i, store, rj, nb, sink, local, width, CAUSAL: tl.constexpr,
                        TK: tl.constexpr, WC: tl.constexpr):
     """Row i of the output: its sink blocks, its top-k choices `rj` (-1 = none, any order)
     and its local blocks, ascending, then -1 up to `width`. Every candidate j lies in
@@ -175,7 +217,7 @@ def _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL: tl.conste
     the local blocks last; non-causal, block i goes between the choices below and above it.
     Each part is stored at its own columns (no two stores share an address)."""
     row = OUT + (bh * nb + i[:, None]) * width
-    ok = i < nb
+    ok = (i < nb) & store
     key = tl.sort(tl.where(rj >= 0, rj, 2147483647), dim=1)  # choices ascending, none last
     n_top = tl.sum((rj >= 0).to(tl.int32), axis=1)
     if CAUSAL:
@@ -205,19 +247,21 @@ def _store_row_indices(OUT, bh, i, rj, nb, sink, local, width, CAUSAL: tl.conste
 
 
 def block_summaries(q, k, block_size: int, softmax_scale: float):
-    """(qs, ks): fp32 [B*Hkv, nb, D]; qs carries softmax_scale."""
+    """(qs, ks, big): summaries fp32 [B*Hkv, nb, D], qs carrying softmax_scale; big int8
+    [B*Hkv, nb]: bit 0 set where ks has an entry past 1e38 in magnitude, bit 1 where qs has."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     nb = num_blocks(S, block_size)
     qs = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
     ks = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
+    big = torch.empty((B * Hkv, nb), dtype=torch.int8, device=q.device)
     if nb > 0 and B > 0:
         _pool_kernel[(nb, B * Hkv)](
-            q, k, qs, ks, S, nb, Hkv,
+            q, k, qs, ks, big, S, nb, Hkv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             softmax_scale, G=Hq // Hkv, BS=block_size, D=D, num_warps=4,
         )
-    return qs, ks
+    return qs, ks, big
 
 
 def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_blocks: int,
@@ -232,12 +276,13 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
         return assemble_indices(top, nb, sink_blocks, local_blocks, causal)
     width = sink_blocks + local_blocks + topk
     out = torch.empty((B, Hkv, nb, width), dtype=torch.int32, device=q.device)
-    qs, ks = block_summaries(q, k, block_size, softmax_scale)
+    qs, ks, big = block_summaries(q, k, block_size, softmax_scale)
     tk = max(2, triton.next_power_of_2(topk))
     bm = rows_per_program(nb, B * Hkv, tk)
-    _topk_kernel[(triton.cdiv(nb, bm), B * Hkv)](
-        qs, ks, out, nb, topk, sink_blocks, local_blocks, width,
-        CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
-        PRECISION=SCORE_PRECISION, num_warps=4,
-    )
+    for fma in (False, True):  # tensor-core programs, then those with huge summaries
+        _topk_kernel[(triton.cdiv(nb, bm), B * Hkv)](
+            qs, ks, big, out, nb, topk, sink_blocks, local_blocks, width,
+            CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
+            PRECISION=SCORE_PRECISION, FMA=fma, num_warps=4,
+        )
     return out
