@@ -148,24 +148,22 @@ def _topk_kernel(
     else:
         j_end = nb
     # 3xTF32 splits x into hi + (x - hi): a summary entry past ~1e38 (hi rounds to inf) would
-    # score NaN instead of +-inf or its value. Programs whose query rows or candidate key
-    # blocks have one (bit 1 / bit 0 of BIG) are left to a second launch (FMA=True) that
-    # computes their scores with fp32 FMAs. Not chosen per chunk or per program in one launch:
-    # with the FMA code behind a branch the fast path ran 10-45% slower even when the branch
-    # was never taken (H100 top-k 32K 73 -> 98 us, 128K 351 -> 394; branch around the whole
-    # loop: 128K 353 -> 391). The launch here skips the other launch's programs by an empty
-    # loop and masked stores, no branch; the second launch costs ~3 us.
-    big = tl.max(tl.load(BIG + bh * nb + i, mask=i < nb, other=0) & 2, axis=0)
-    for j0 in range(0, j_end, 1024):
-        jb = j0 + tl.arange(0, 1024)
-        big |= tl.max(tl.load(BIG + bh * nb + jb, mask=(jb >= sink) & (jb < j_end), other=0) & 1, axis=0)
+    # score NaN instead of +-inf or its value. A second launch (FMA=True) redoes the programs
+    # whose query rows or candidate key blocks have one (bit 1 / bit 0 of BIG) with fp32 FMA
+    # scores, overwriting their rows; its other programs store nothing. The tensor-core launch
+    # knows nothing of this: with the FMA code behind a branch in it, per chunk or around the
+    # loop, or with its programs skipping the flagged ones, it ran 10-45% slower even when no
+    # summary was flagged (H100 top-k, 32K 73 -> 98 us; 128K 351 -> 394, 391, 386).
     if FMA:
-        mine = big != 0
+        big = tl.max(tl.load(BIG + bh * nb + i, mask=i < nb, other=0) & 2, axis=0)
+        for j0 in range(0, j_end, 1024):
+            jb = j0 + tl.arange(0, 1024)
+            big |= tl.max(tl.load(BIG + bh * nb + jb, mask=(jb >= sink) & (jb < j_end), other=0) & 1, axis=0)
+        _topk_rows(QS, KS, OUT, bh, i, tl.where(big != 0, j_end, sink), big != 0, nb, topk, sink,
+                   local, width, CAUSAL, D, BM, BC, TK, WC, True, PRECISION)
     else:
-        mine = big == 0
-    j_stop = tl.where(mine, j_end, sink)
-    _topk_rows(QS, KS, OUT, bh, i, j_stop, mine, nb, topk, sink, local, width,
-               CAUSAL, D, BM, BC, TK, WC, FMA, PRECISION)
+        _topk_rows(QS, KS, OUT, bh, i, j_end, True, nb, topk, sink, local, width,
+                   CAUSAL, D, BM, BC, TK, WC, False, PRECISION)
 
 
 @triton.jit
@@ -279,7 +277,7 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     qs, ks, big = block_summaries(q, k, block_size, softmax_scale)
     tk = max(2, triton.next_power_of_2(topk))
     bm = rows_per_program(nb, B * Hkv, tk)
-    for fma in (False, True):  # tensor-core programs, then those with huge summaries
+    for fma in (False, True):  # every program on tensor cores, then those with huge summaries
         _topk_kernel[(triton.cdiv(nb, bm), B * Hkv)](
             qs, ks, big, out, nb, topk, sink_blocks, local_blocks, width,
             CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
