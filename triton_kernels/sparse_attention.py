@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 LOG2E = 1.4426950408889634
 # Rows (heads x tokens) of the Q tile per step; the group's heads beyond that are looped.
 # H100, S = 32K (Hq 32, Hkv 8, block 64, D 128), backward: dq tiles of 128 rows 9.5 ms vs 64
@@ -327,14 +329,11 @@ def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softma
     indices = indices.contiguous()
     hpp = _heads_per_tile(G, block_size, MAX_ROWS_FWD)
     rows = hpp * block_size
-    _fwd_kernel[(nb, B * Hkv)](
-        q, k, v, indices, out, lse,
-        S, nb, indices.shape[-1], Hq, Hkv, G,
-        *_strides(q), *_strides(k), *_strides(v),
-        softmax_scale * LOG2E,
-        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32,
-        num_warps=8 if rows * D >= 128 * 128 else 4, num_stages=2,
-    )
+    launch(_fwd_kernel, (nb, B * Hkv),
+           (q, k, v, indices, out, lse, S, nb, indices.shape[-1], Hq, Hkv, G,
+            *_strides(q), *_strides(k), *_strides(v), softmax_scale * LOG2E),
+           dict(CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32),
+           num_warps=8 if rows * D >= 128 * 128 else 4, num_stages=2)
     return out, lse
 
 
@@ -362,20 +361,16 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
     # memory, so no multi-buffering of the loads (it would not fit in 227 KB with scratch).
     stages = 1 if block_size * D >= 128 * 128 else 2
     hpp = _heads_per_tile(G, block_size, MAX_ROWS_DQ)
-    _dq_kernel[(nb, B * Hkv)](
-        q, k, v, out, dout, lse, delta, dq, indices,
-        S, nb, indices.shape[-1], Hq, Hkv, G,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        qk_scale, softmax_scale,
-        CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, num_warps=warps, num_stages=stages,
-    )
+    launch(_dq_kernel, (nb, B * Hkv),
+           (q, k, v, out, dout, lse, delta, dq, indices, S, nb, indices.shape[-1], Hq, Hkv, G,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale, softmax_scale),
+           dict(CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32),
+           num_warps=warps, num_stages=stages)
     offs, qlist = transpose_indices(indices, nb)
     hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
-    _dkdv_kernel[(nb * B * Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, offs, qlist,
-        S, nb, B * Hkv, Hq, Hkv, G,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        qk_scale, softmax_scale,
-        CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, num_warps=warps, num_stages=stages,
-    )
+    launch(_dkdv_kernel, (nb * B * Hkv,),
+           (q, k, v, dout, lse, delta, dk, dv, offs, qlist, S, nb, B * Hkv, Hq, Hkv, G,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale, softmax_scale),
+           dict(CAUSAL=causal, BS=block_size, D=D, HPQ=hpq),
+           num_warps=warps, num_stages=stages)
     return dq, dk, dv

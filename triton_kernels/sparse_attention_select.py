@@ -25,6 +25,8 @@ import triton.language as tl
 
 from deepkern.reference.sparse_attention import assemble_indices, num_blocks
 
+from ._launch import launch
+
 MAX_TOPK = 64  # running sets live in registers: [BM, next_pow2(topk)] scores + ids
 # Key blocks per chunk. Rounds while some row takes, 128-block chunks, longest rows first,
 # against TK rounds whenever any row takes over 64-block chunks in launch order (H100, top-k
@@ -254,11 +256,11 @@ def block_summaries(q, k, block_size: int, softmax_scale: float):
     ks = torch.empty((B * Hkv, nb, D), dtype=torch.float32, device=q.device)
     big = torch.empty((B * Hkv, nb), dtype=torch.int8, device=q.device)
     if nb > 0 and B > 0:
-        _pool_kernel[(nb, B * Hkv)](
-            q, k, qs, ks, big, S, nb, Hkv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            softmax_scale, G=Hq // Hkv, BS=block_size, D=D, num_warps=4,
-        )
+        launch(_pool_kernel, (nb, B * Hkv),
+               (q, k, qs, ks, big, S, nb, Hkv,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                softmax_scale),
+               dict(G=Hq // Hkv, BS=block_size, D=D), num_warps=4)
     return qs, ks, big
 
 
@@ -280,9 +282,8 @@ def select_blocks(q, k, block_size: int, topk: int, sink_blocks: int, local_bloc
     # in 16-row programs whatever the first launch used (with nothing flagged, H100: 3 us; 64-row
     # programs 12 us at 64K and 128K).
     for fma, bm in ((False, rows_per_program(nb, B * Hkv, tk)), (True, 16)):
-        _topk_kernel[(triton.cdiv(nb, bm), B * Hkv)](
-            qs, ks, big, out, nb, topk, sink_blocks, local_blocks, width,
-            CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
-            PRECISION=SCORE_PRECISION, FMA=fma, num_warps=4,
-        )
+        launch(_topk_kernel, (triton.cdiv(nb, bm), B * Hkv),
+               (qs, ks, big, out, nb, topk, sink_blocks, local_blocks, width),
+               dict(CAUSAL=causal, D=D, BM=bm, BC=BC, TK=tk, WC=32, LONGEST_FIRST=causal,
+                    PRECISION=SCORE_PRECISION, FMA=fma), num_warps=4)
     return out
