@@ -72,6 +72,10 @@ def _hooks_set() -> bool:
 def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
+    if hasattr(a, "block_shape") and isinstance(getattr(a, "base", None), torch.Tensor):
+        # a TensorDescriptor: Triton specializes on its dtype and block shape (the launcher
+        # encodes the tensor map from base, shape and strides at every launch)
+        return "desc", a.base.dtype, tuple(a.block_shape), getattr(a, "padding", None)
     if isinstance(a, bool):
         return "b", a
     if isinstance(a, int):
