@@ -398,14 +398,14 @@ def test_head_chunk_loops(device, causal, monkeypatch):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
-    """K/V (forward, dq) and q/dO (dk/dv) tiles through tensor maps over [B*S, H*D] views (the
+    """K/V tiles through tensor maps over the [B*S, Hkv*D] views (forward and dq kernels; the
     GPU takes them for contiguous k, v) give the same bits as pointer loads: two batches, so
     the views run across the batch boundary, and a partial last block."""
     from deepkern.triton_kernels import sparse_attention as kernels
 
     q, k, v = _inputs(2, 200, 4, 2, 64, torch.float16, device, grad=True)
     if device == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
-        assert kernels._head_descriptors(k, v, 32)[0] is not None, "contiguous k, v must take TMA"
+        assert kernels._kv_descriptors(k, v, 32)[0] is not None, "contiguous k, v must take TMA"
     results = []
     for tma in (True, False):
         monkeypatch.setattr(kernels, "_tma_views_ok", lambda t, tma=tma: tma)

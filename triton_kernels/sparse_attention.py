@@ -13,8 +13,7 @@ Forward: a program owns query block i of one (batch, kv head) and all G query he
 the Q tile stacks HPP heads x block_size tokens as rows (token-major, so each token's HPP
 heads are one contiguous load), and loops over the G / HPP head chunks; each listed KV block
 is thus read from DRAM once per group (repeats hit L2); on Hopper the K/V tiles of the
-unmasked steps come through TMA tensor maps (_head_descriptors; the dk/dv kernel's q and dO
-tiles too). Online softmax in the exp2 domain,
+unmasked steps come through TMA tensor maps (_kv_descriptors). Online softmax in the exp2 domain,
 fp32 accumulation; the log-sum-exp is saved in log2 units (+inf for rows without keys, so
 the backward's exp2(s - lse) is 0 there).
 
@@ -226,31 +225,20 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-               qk_scale, use, BS: tl.constexpr, D: tl.constexpr, HPQ: tl.constexpr,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
-    """Query block i's contribution to this key block's dk, dv. TMA: its q and dO tiles by
-    tensor-map copies of [BS, HPQ*D] boxes from the [B*S, Hq*D] views (a full query block
-    only: rows past S would be the next batch's), reshaped to the token-major rows."""
+               qk_scale, use, BS: tl.constexpr, HPQ: tl.constexpr, MASK: tl.constexpr,
+               CAUSAL: tl.constexpr):
     qpos = i * BS + t
     qval = qpos < S
     qpos64 = qpos.to(tl.int64)
     for c in range(0, G, HPQ):
         head = h * G + c + g
         row = (b * S + qpos64) * Hq + head
-        if TMA:
-            q_row = (b * S).to(tl.int32) + i * BS
-            q = QD.load([q_row, (h * G + c) * D])
-            do = DOD.load([q_row, (h * G + c) * D])
-            if HPQ > 1:
-                q = tl.reshape(q, [HPQ * BS, D])
-                do = tl.reshape(do, [HPQ * BS, D])
-        else:
-            q = tl.load(Q + b * stride_qb + qpos64[:, None] * stride_qs + head[:, None] * stride_qh
-                        + d[None, :], mask=qval[:, None], other=0.0)
-            do = tl.load(DO + b * stride_dob + qpos64[:, None] * stride_dos
-                         + head[:, None] * stride_doh + d[None, :], mask=qval[:, None], other=0.0)
+        q = tl.load(Q + b * stride_qb + qpos64[:, None] * stride_qs + head[:, None] * stride_qh
+                    + d[None, :], mask=qval[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + qpos64[:, None] * stride_dos + head[:, None] * stride_doh
+                     + d[None, :], mask=qval[:, None], other=0.0)
         # Padded query rows: lse = +inf gives p = 0, and dO = 0 there.
         lse = tl.load(LSE + row, mask=qval, other=float("inf"))
         delta = tl.load(DELTA + row, mask=qval, other=0.0)
@@ -269,13 +257,12 @@ def _dkdv_step(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i, b, h, G, Hq, S, kpos
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, OFFS, QLIST,
+    Q, K, V, DO, LSE, DELTA, DK, DV, OFFS, QLIST,
     S, nb, BH, Hq, Hkv, G,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     qk_scale, sm_scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPQ: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     j = pid // BH  # all (batch, kv head) programs of block 0 (a sink, the longest list) first
@@ -300,25 +287,17 @@ def _dkdv_kernel(
     start = tl.load(OFFS + seg)
     end = tl.load(OFFS + seg + 1)
     # Lists are ascending in i and (causal) start at i >= j: only the first entry can be the
-    # diagonal block, so only it carries the mask; only the last can be the partial last query
-    # block, so it takes the pointer loads (TMA boxes would run into the next batch's rows).
+    # diagonal block, so only it carries the mask.
     has = start < end
     i0 = tl.load(QLIST + start, mask=has, other=0)
-    dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i0, b, h, G, Hq, S, kpos, t, g,
-                        d, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                        qk_scale, has, BS=BS, D=D, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL, TMA=False)
-    for e in range(start + 1, end - 1):
+    dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i0, b, h, G, Hq, S, kpos, t, g, d,
+                        stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                        qk_scale, has, BS=BS, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL)
+    for e in range(start + 1, end):
         i = tl.load(QLIST + e)
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i, b, h, G, Hq, S, kpos, t,
-                            g, d, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos,
-                            stride_doh, qk_scale, True, BS=BS, D=D, HPQ=HPQ, MASK=False,
-                            CAUSAL=CAUSAL, TMA=TMA)
-    # The last entry (a second one: with one entry, `use` is false and it adds nothing).
-    more = end - 1 > start
-    i_last = tl.load(QLIST + end - 1, mask=more, other=0)
-    dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i_last, b, h, G, Hq, S, kpos, t,
-                        g, d, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                        qk_scale, more, BS=BS, D=D, HPQ=HPQ, MASK=True, CAUSAL=CAUSAL, TMA=False)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, i, b, h, G, Hq, S, kpos, t, g, d,
+                            stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                            qk_scale, True, BS=BS, HPQ=HPQ, MASK=False, CAUSAL=CAUSAL)
     row = (b * S + kpos64) * Hkv + h
     tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kval[:, None])
@@ -348,21 +327,20 @@ def _tma_views_ok(t: torch.Tensor) -> bool:
             and B * S < 2**31)
 
 
-def _head_descriptors(a: torch.Tensor, b: torch.Tensor, block_size: int, heads: int = 1):
-    """Tensor maps over a and b [B, S, H, D] as [B*S, H*D] views with [block_size, heads*D]
-    boxes, or (None, None) where _tma_views_ok fails for either (or this Triton has no
-    TensorDescriptor): the kernels then use pointer loads. H100, against pointer loads, the
-    same bits (.dev/sa_tma_ab2.py, bench config): k, v tiles of the forward on given indices
-    8K 454 -> 424 us, 32K 1838 -> 1729, 128K 8171 -> 7726; of the dq kernel, backward 32K 9520
-    -> 9317 us."""
-    if TensorDescriptor is None or not (_tma_views_ok(a) and _tma_views_ok(b)):
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_size: int):
+    """(KD, VD): tensor maps over k and v as [B*S, Hkv*D] with [block_size, D] boxes, or
+    (None, None) where _tma_views_ok fails (or this Triton has no TensorDescriptor): those
+    kernels then load K and V through pointers. H100, forward on given indices (bench config),
+    against pointer loads, the same bits: 8K 454 -> 427 us, 32K 1848 -> 1731, 128K 8105 ->
+    7695 (.dev/sa_tma_ab.py)."""
+    if TensorDescriptor is None or not (_tma_views_ok(k) and _tma_views_ok(v)):
         return None, None
+    B, S, Hkv, D = k.shape
 
     def view(t):
-        B, S, H, D = t.shape
-        return TensorDescriptor(t, shape=[B * S, H * D], strides=[t.stride(1), 1],
-                                block_shape=[block_size, heads * D])
-    return view(a), view(b)
+        return TensorDescriptor(t, shape=[B * S, Hkv * D], strides=[t.stride(1), 1],
+                                block_shape=[block_size, D])
+    return view(k), view(v)
 
 
 def _strides(t: torch.Tensor):
@@ -404,7 +382,7 @@ def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softma
     indices = indices.contiguous()
     hpp = _heads_per_tile(G, block_size, MAX_ROWS_FWD)
     rows = hpp * block_size
-    kd, vd = _head_descriptors(k, v, block_size)
+    kd, vd = _kv_descriptors(k, v, block_size)
     launch(_fwd_kernel, (nb, B * Hkv),
            (q, k, v, kd, vd, indices, out, lse, S, nb, indices.shape[-1], Hq, Hkv, G,
             *_strides(q), *_strides(k), *_strides(v), softmax_scale * LOG2E),
@@ -437,7 +415,7 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
     # memory, so no multi-buffering of the loads (it would not fit in 227 KB with scratch).
     stages = 1 if block_size * D >= 128 * 128 else 2
     hpp = _heads_per_tile(G, block_size, MAX_ROWS_DQ)
-    kd, vd = _head_descriptors(k, v, block_size)
+    kd, vd = _kv_descriptors(k, v, block_size)
     launch(_dq_kernel, (nb, B * Hkv),
            (q, k, v, kd, vd, out, dout, lse, delta, dq, indices, S, nb, indices.shape[-1], Hq, Hkv,
             G, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale, softmax_scale),
@@ -445,10 +423,9 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
            num_warps=warps, num_stages=stages)
     offs, qlist = transpose_indices(indices, nb)
     hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
-    qd, dod = _head_descriptors(q, dout, block_size, hpq)
     launch(_dkdv_kernel, (nb * B * Hkv,),
-           (q, k, v, dout, qd, dod, lse, delta, dk, dv, offs, qlist, S, nb, B * Hkv, Hq, Hkv, G,
+           (q, k, v, dout, lse, delta, dk, dv, offs, qlist, S, nb, B * Hkv, Hq, Hkv, G,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale, softmax_scale),
-           dict(CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, TMA=qd is not None),
+           dict(CAUSAL=causal, BS=block_size, D=D, HPQ=hpq),
            num_warps=warps, num_stages=stages)
     return dq, dk, dv
