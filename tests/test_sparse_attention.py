@@ -1,7 +1,6 @@
-"""deepkern.sparse_attention / select_blocks: the Triton kernels against the fp64/fp32
-reference (selection, forward, all gradients), dense-equivalent settings against
-F.scaled_dot_product_attention, user-given indices, the reference against a brute-force
-oracle, opcheck, torch.compile, module, bad input.
+"""deepkern.sparse_attention: the Triton kernels against the fp64/fp32 reference (forward, all
+gradients), dense-equivalent settings against F.scaled_dot_product_attention, user-given
+indices, opcheck, torch.compile, module, bad input. The selection: test_sparse_selection.py.
 
 On a CPU-only machine the kernels run in the Triton interpreter on tiny shapes (fp16; the
 interpreter's bf16 tl.dot is broken); the `cuda` tests run the issue's grid in bf16/fp16."""
@@ -13,62 +12,10 @@ import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICES
 from helpers import REL_TOL, assert_close
+from sparse_helpers import SMALL, check_selection, nblocks, sparse_inputs
 
 import deepkern
-from deepkern.reference.sparse_attention import (
-    block_summaries_ref,
-    select_blocks_ref,
-    sparse_attention_ref,
-)
-
-
-def _inputs(B, S, Hq, Hkv, D, dtype, device, grad=False):
-    q = torch.randn(B, S, Hq, D).to(dtype).to(device)
-    k = torch.randn(B, S, Hkv, D).to(dtype).to(device)
-    v = torch.randn(B, S, Hkv, D).to(dtype).to(device)
-    if grad:
-        for t in (q, k, v):
-            t.requires_grad_(True)
-    return q, k, v
-
-
-def _nb(S, bs):
-    return (S + bs - 1) // bs
-
-
-def _check_format(idx, nb, causal):
-    """Rows ascending, valid ids first then -1, no repeats, in range, causal: j <= i."""
-    valid = idx >= 0
-    assert not (~valid[..., :-1] & valid[..., 1:]).any(), "a -1 before a valid id"
-    assert ((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all(), "not strictly ascending"
-    assert (idx < nb).all() and (idx >= -1).all()
-    if causal:
-        assert (idx <= torch.arange(nb, device=idx.device)[:, None]).all(), "causal row lists j > i"
-
-
-def _check_selection(idx, q, k, bs, topk, sink, local, causal, scale, max_diff_rows=0.02):
-    """idx equals the fp64 reference selection except in rows where the kernel's fp32 scores
-    broke a near-tie differently: there the displaced blocks must score within a tight bound
-    of the ones picked instead."""
-    nb = _nb(q.shape[1], bs)
-    ref = select_blocks_ref(q.double(), k.double(), bs, topk, sink, local, causal, scale)
-    idx, ref = idx.cpu(), ref.cpu()
-    assert idx.dtype == torch.int32 and idx.shape == ref.shape, (idx.shape, ref.shape)
-    _check_format(idx, nb, causal)
-    differ = (idx != ref).any(-1).nonzero().tolist()
-    if not differ:
-        return
-    assert len(differ) <= max(1, max_diff_rows * idx[..., 0].numel()), f"{len(differ)} rows differ"
-    qs, ks = block_summaries_ref(q.double().cpu(), k.double().cpu(), bs, scale)
-    for b, h, i in differ:
-        got = set(idx[b, h, i].tolist()) - {-1}
-        want = set(ref[b, h, i].tolist()) - {-1}
-        assert len(got) == len(want), f"row {(b, h, i)}: {sorted(got)} vs {sorted(want)}"
-        score = {j: (qs[b, h, i] @ ks[b, h, j]).item() for j in got | want}
-        worst_got = min(score[j] for j in got - want)
-        best_missed = max(score[j] for j in want - got)
-        tol = 1e-5 * (1 + max(abs(s) for s in score.values()))
-        assert worst_got >= best_missed - tol, f"row {(b, h, i)}: picked {worst_got} over {best_missed}"
+from deepkern.reference.sparse_attention import select_blocks_ref, sparse_attention_ref
 
 
 def _ref_outputs(q, k, v, idx, bs, causal, scale, dout, dtype=torch.float64):
@@ -122,52 +69,7 @@ def _check_fwd_bwd(q, k, v, out, idx, bs, causal, scale, dtype, ref_dtype=torch.
 
 
 # ------------------------------------------------------------------------------------------
-# The reference against an independent oracle and against SDPA
-
-
-def _oracle_selection(q, k, bs, topk, sink, local, causal, scale):
-    """Brute force, straight from the rules: python loops, fp64, sorted() for the ranking."""
-    B, S, Hq, _ = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    nb = _nb(S, bs)
-    width = sink + local + topk
-    out = torch.full((B, Hkv, nb, width), -1, dtype=torch.int32)
-    for b in range(B):
-        for h in range(Hkv):
-            ks = [k[b, j * bs:(j + 1) * bs, h].double().mean(0) for j in range(nb)]
-            for i in range(nb):
-                qs = q[b, i * bs:(i + 1) * bs, h * G:(h + 1) * G].double().mean((0, 1))
-                if causal:
-                    keep = {j for j in range(min(sink, i + 1))}
-                    keep |= {j for j in range(max(0, i - local + 1), i + 1)}
-                    cands = [j for j in range(i) if j not in keep]
-                else:
-                    keep = {j for j in range(min(sink, nb))} | {i}
-                    cands = [j for j in range(nb) if j not in keep]
-                ranked = sorted(cands, key=lambda j: (-(qs @ ks[j]).item() * scale, j))
-                row = sorted(keep | set(ranked[:topk]))
-                out[b, h, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-    return out
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("S, bs, topk, sink, local", [(200, 32, 2, 1, 2), (161, 32, 3, 0, 1),
-                                                       (96, 32, 1, 2, 3), (50, 32, 0, 1, 1)])
-def test_reference_selection_matches_oracle(causal, S, bs, topk, sink, local):
-    q, k, _ = _inputs(2, S, 4, 2, 16, torch.float64, "cpu")
-    got = select_blocks_ref(q, k, bs, topk, sink, local, causal, 0.25)
-    assert torch.equal(got, _oracle_selection(q, k, bs, topk, sink, local, causal, 0.25))
-
-
-def test_reference_selection_ties_lower_block_wins():
-    q, k, _ = _inputs(1, 32 * 8, 2, 1, 16, torch.float64, "cpu")
-    k[:, 32 * 2:] = k[:, :32].repeat(1, 6, 1, 1)  # blocks 0 and 2..7 score exactly the same
-    for causal in (True, False):
-        got = select_blocks_ref(q, k, 32, 2, 0, 1, causal)
-        assert torch.equal(got, _oracle_selection(q, k, 32, 2, 0, 1, causal, 0.25))
-        row = set(got[0, 0, 7].tolist())
-        assert 0 in row and not row & {3, 4, 5, 6}, f"causal={causal}: tied blocks {row}"
+# The reference against SDPA
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -177,8 +79,8 @@ def test_reference_dense_equals_sdpa(causal, S, Hq, Hkv):
     functions take it) at the fp64 bound: in fp32 the reference's own rounding reached 1.3e-5
     on the GPU machine's CPU (torch 2.11), 2.5e-7 here, so an fp32 check measured the host's
     float32 kernels, not the semantics. The public torch backend runs the same functions."""
-    q, k, v = _inputs(2, S, Hq, Hkv, 16, torch.float64, "cpu")
-    nb = _nb(S, 32)
+    q, k, v = sparse_inputs(2, S, Hq, Hkv, 16, torch.float64, "cpu")
+    nb = nblocks(S, 32)
     idx = select_blocks_ref(q, k, 32, nb, 1, 2, causal)
     out = sparse_attention_ref(q, k, v, idx, 32, causal)
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -191,7 +93,7 @@ def test_reference_dense_equals_sdpa(causal, S, Hq, Hkv):
 
 
 def test_reference_rows_without_keys_are_zero():
-    q, k, v = _inputs(1, 70, 2, 1, 16, torch.float64, "cpu", grad=True)
+    q, k, v = sparse_inputs(1, 70, 2, 1, 16, torch.float64, "cpu", grad=True)
     idx = torch.tensor([[[[0, -1], [-1, -1], [2, 1]]]], dtype=torch.int32)  # block 1: none
     out = sparse_attention_ref(q, k, v, idx, 32, causal=True)
     assert (out[:, 32:64] == 0).all() and torch.isfinite(out).all()
@@ -202,148 +104,13 @@ def test_reference_rows_without_keys_are_zero():
 # ------------------------------------------------------------------------------------------
 # Kernels (CPU through the interpreter: tiny shapes, fp16)
 
-SMALL = [  # B, S, Hq, Hkv, bs, topk, sink, local, causal
-    (1, 200, 4, 2, 32, 2, 1, 2, True),
-    (2, 150, 2, 2, 32, 1, 1, 1, False),
-    (1, 161, 4, 1, 32, 3, 0, 1, True),
-    (1, 130, 2, 1, 64, 1, 0, 1, False),
-    (1, 1, 2, 1, 32, 2, 1, 2, True),
-    (1, 64, 2, 2, 32, 1, 1, 1, True),
-    (1, 300, 2, 1, 128, 1, 1, 1, True),
-]
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("cfg", SMALL, ids=lambda c: "B{}S{}H{}/{}bs{}k{}s{}l{}{}".format(
-    *c[:8], "c" if c[8] else "n"))
-def test_select_kernel_matches_reference(device, cfg):
-    B, S, Hq, Hkv, bs, topk, sink, local, causal = cfg
-    q, k, _ = _inputs(B, S, Hq, Hkv, 64, torch.float16, device)
-    idx = deepkern.select_blocks(q, k, bs, topk, sink, local, causal, backend="triton")
-    assert idx.device.type == device
-    _check_selection(idx, q, k, bs, topk, sink, local, causal, 1 / 8)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("causal", [True, False])
-def test_select_kernel_ties_lower_block_wins(device, causal):
-    """Identical key blocks give bit-identical summaries and scores: exact ties, so the
-    kernel's choice must equal the reference's exactly (lower block id wins)."""
-    q, k, _ = _inputs(1, 32 * 9, 2, 1, 64, torch.float16, device)
-    k[:, 64:] = k[:, :32].repeat(1, 7, 1, 1)
-    idx = deepkern.select_blocks(q, k, 32, 3, 0, 1, causal, backend="triton")
-    ref = select_blocks_ref(q.cpu(), k.cpu(), 32, 3, 0, 1, causal)
-    assert torch.equal(idx.cpu(), ref)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_ties_across_chunks(device):
-    """Tied blocks fill the running set in the first chunk (BC key blocks); a strictly better
-    block, the first of the second chunk, must evict the tied member with the highest id."""
-    from deepkern.triton_kernels.sparse_attention_select import BC
-
-    nb, bs, D = BC + 6, 32, 64
-    u = torch.randn(D)
-    block = u + 0.3 * torch.randn(bs, D)
-    k = block.repeat(nb, 1)
-    k[BC * bs:(BC + 1) * bs] = 2 * block  # block BC scores exactly twice the others
-    k = k.view(1, nb * bs, 1, D).half().to(device)
-    q = (u + 0.3 * torch.randn(nb * bs, D)).view(1, nb * bs, 1, D).half().to(device)
-    for causal in (True, False):
-        idx = deepkern.select_blocks(q, k, bs, 3, 0, 1, causal, backend="triton")
-        ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 3, 0, 1, causal)
-        assert ref[0, 0, nb - 1].tolist() == [0, 1, BC, nb - 1]
-        assert torch.equal(idx.cpu(), ref)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("sink", [1, 29])
-def test_select_kernel_recent_blocks_win(device, sink):
-    """Scores grow with the block id, so each causal row's best candidate is its latest one,
-    j = i - local_blocks: the edge of each program's candidate range (BM=16 query blocks).
-    sink=29 puts a chunk start exactly on the last candidate of rows 31 and 95."""
-    nb, bs, D = 100, 32, 64
-    u = torch.randn(D)
-    grow = torch.arange(1, nb + 1).repeat_interleave(bs)[:, None] / nb
-    k = (grow * u + 0.01 * torch.randn(nb * bs, D)).view(1, nb * bs, 1, D).half().to(device)
-    q = (u + 0.1 * torch.randn(nb * bs, D)).view(1, nb * bs, 1, D).half().to(device)
-    idx = deepkern.select_blocks(q, k, bs, 2, sink, 2, True, backend="triton")
-    _check_selection(idx, q, k, bs, 2, sink, 2, True, 1 / 8)
-    for i in (31, 95):
-        assert {i - 3, i - 2} <= set(idx[0, 0, i].tolist()) if sink == 1 else i - 2 in idx[0, 0, i]
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_many_chunks(device):
-    """More key blocks than one chunk (BC=128) and query blocks than one program (BM=16), and
-    topk not a power of two: exercises the streaming merge across chunks."""
-    q, k, _ = _inputs(1, 32 * 150, 1, 1, 64, torch.float16, device)
-    for causal in (True, False):
-        idx = deepkern.select_blocks(q, k, 32, 5, 1, 2, causal, backend="triton")
-        _check_selection(idx, q, k, 32, 5, 1, 2, causal, 1 / 8)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_64_row_programs(device, monkeypatch):
-    """The 64-query-block programs that long sequences get (rows_per_program), forced on a
-    small case: several programs, rows over two key chunks, topk 5 and 16, both masks."""
-    from deepkern.triton_kernels import sparse_attention_select as sel
-
-    monkeypatch.setattr(sel, "rows_per_program", lambda nb, n_bh, tk: 64)
-    q, k, _ = _inputs(1, 32 * 150, 2, 1, 64, torch.float16, device)
-    for topk, causal in ((5, True), (16, False)):
-        idx = deepkern.select_blocks(q, k, 32, topk, 1, 2, causal, backend="triton")
-        _check_selection(idx, q, k, 32, topk, 1, 2, causal, 1 / 8)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_infinite_summaries(device):
-    """A key block with +inf scores +inf against every query (the positive summaries) and is
-    every later row's first choice; one with -inf ranks lowest, as in the reference."""
-    nb, bs, D = 12, 32, 64
-    q = (1 + 0.1 * torch.randn(1, nb * bs, 1, D)).half().to(device)
-    k = torch.randn(1, nb * bs, 1, D).half().to(device)
-    k[0, 3 * bs + 5, 0, 7] = float("inf")
-    k[0, 5 * bs + 2, 0, 9] = float("-inf")
-    idx = deepkern.select_blocks(q, k, bs, 2, 1, 1, True, backend="triton").cpu()
-    ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 2, 1, 1, True)
-    assert (ref[0, 0, 4:] == 3).any(-1).all() and not (ref[0, 0, 8:] == 5).any()
-    assert (idx[0, 0, 4:] == 3).any(-1).all(), idx[0, 0]
-    assert not (idx[0, 0, 8:] == 5).any(), idx[0, 0]
-    _check_format(idx, nb, True)
-
-
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_long_rows_and_ties(device):
-    """Rows over several chunks (the insertion rounds run while some row of the program takes)
-    with random scores and with exact ties across chunks (blocks 40-195 repeat blocks 0-5:
-    the lower block wins), against the fp64 reference and the tie order."""
-    q, k, _ = _inputs(1, 32 * 200, 2, 1, 64, torch.float16, device)
-    k_tied = k.clone()
-    k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)
-    copy_of = [j if j < 40 or j >= 196 else (j - 40) % 6 for j in range(200)]
-    for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
-        idx = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
-        _check_selection(idx, q, keys, 32, topk, 1, 2, causal, 1 / 8)
-        if keys is not k_tied:
-            continue
-        # Bit-identical blocks score bit-identically: a chosen block's lower copies must all
-        # be in the row too (sinks, local blocks and the row's own block are not choices).
-        for i, row in enumerate(idx[0, 0].tolist()):
-            kept = set(row) - {-1}
-            for j in kept:
-                if j < 1 or (j > i - 2 if causal else j == i):
-                    continue
-                lower = {c for c in range(j) if copy_of[c] == copy_of[j]}
-                assert lower <= kept, f"causal={causal} row {i}: {j} kept without {sorted(lower - kept)}"
-
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("cfg", SMALL, ids=lambda c: "B{}S{}H{}/{}bs{}k{}s{}l{}{}".format(
     *c[:8], "c" if c[8] else "n"))
 def test_forward_backward(device, cfg):
     B, S, Hq, Hkv, bs, topk, sink, local, causal = cfg
-    q, k, v = _inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, bs, topk, sink, local, causal,
                                          return_indices=True, backend="triton")
     assert torch.equal(idx, deepkern.select_blocks(q, k, bs, topk, sink, local, causal,
@@ -357,7 +124,7 @@ def test_forward_backward(device, cfg):
 def test_single_token_fp32_reference(device, causal, Hq, Hkv):
     """S = 1 against an fp32 reference, as the GPU grid checks it: the exact dq and dk are 0
     and both sides return rounding noise, which the plain relative error rejected."""
-    q, k, v = _inputs(2, 1, Hq, Hkv, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(2, 1, Hq, Hkv, 64, torch.float16, device, grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, 64, 3, 1, 2, causal, return_indices=True,
                                          backend="triton")
     _check_fwd_bwd(q, k, v, out, idx.cpu(), 64, causal, 1 / 8, torch.float16,
@@ -366,7 +133,7 @@ def test_single_token_fp32_reference(device, causal, Hq, Hkv):
 
 def test_single_token_check_rejects_a_wrong_gradient():
     """The S = 1 check must fail for a dq that misses the delta term (= scale * dp * k)."""
-    q, k, v = _inputs(1, 1, 4, 2, 64, torch.float64, "cpu")
+    q, k, v = sparse_inputs(1, 1, 4, 2, 64, torch.float64, "cpu")
     dout = torch.randn_like(q)
     gauges = _single_key_gauges(q, k, v, dout, 1 / 8)
     dp = (dout * v.repeat_interleave(2, dim=2)).sum(-1, keepdim=True) / 8
@@ -389,7 +156,7 @@ def test_head_chunk_loops(device, causal, monkeypatch):
 
     for name in ("MAX_ROWS_FWD", "MAX_ROWS_DQ", "MAX_ROWS_DKDV"):
         monkeypatch.setattr(kernels, name, 32)
-    q, k, v = _inputs(1, 150, 4, 1, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(1, 150, 4, 1, 64, torch.float16, device, grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, 32, 1, 1, 1, causal, return_indices=True,
                                          backend="triton")
     _check_fwd_bwd(q, k, v, out, idx.cpu(), 32, causal, 1 / 8, torch.float16)
@@ -403,7 +170,7 @@ def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
     the views run across the batch boundary, and a partial last block."""
     from deepkern.triton_kernels import sparse_attention as kernels
 
-    q, k, v = _inputs(2, 200, 4, 2, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(2, 200, 4, 2, 64, torch.float16, device, grad=True)
     if device == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
         assert kernels._kv_descriptors(k, v, 32)[0] is not None, "contiguous k, v must take TMA"
     results = []
@@ -423,7 +190,7 @@ def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
 def test_dense_equivalent_matches_sdpa(device, causal):
     """Everything fits: every block kept, so the result is dense attention."""
     B, S, Hq, Hkv = 1, 100, 4, 2
-    q, k, v = _inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
     out = deepkern.sparse_attention(q, k, v, 32, topk=4, causal=causal, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -447,8 +214,8 @@ def _user_indices(B, Hkv, nb, W, device):
 @pytest.mark.parametrize("causal", [True, False])
 def test_user_indices(device, causal):
     B, S, Hq, Hkv, bs = 2, 180, 4, 2, 32
-    q, k, v = _inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
-    idx = _user_indices(B, Hkv, _nb(S, bs), 4, device)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, 64, torch.float16, device, grad=True)
+    idx = _user_indices(B, Hkv, nblocks(S, bs), 4, device)
     out, used = deepkern.sparse_attention(q, k, v, bs, indices=idx, causal=causal,
                                           return_indices=True, backend="triton")
     assert used is idx
@@ -475,7 +242,7 @@ def test_strided_inputs_and_expanded_grad(device):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_nan_propagates_like_reference(device):
-    q, k, v = _inputs(1, 160, 2, 1, 64, torch.float16, device)
+    q, k, v = sparse_inputs(1, 160, 2, 1, 64, torch.float16, device)
     k[0, 70, 0, 5] = float("nan")  # key block 2
     out, idx = deepkern.sparse_attention(q, k, v, 32, topk=1, return_indices=True, backend="triton")
     ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx, 32, True)
@@ -489,14 +256,14 @@ def test_nan_propagates_like_reference(device):
 def test_empty_inputs(device):
     for backend in ("torch", "triton"):
         for B, S in ((0, 64), (2, 0)):
-            q, k, v = _inputs(B, S, 2, 1, 64, torch.float16, device)
+            q, k, v = sparse_inputs(B, S, 2, 1, 64, torch.float16, device)
             out, idx = deepkern.sparse_attention(q, k, v, return_indices=True, backend=backend)
-            assert out.shape == q.shape and idx.shape == (B, 1, _nb(S, 64), 19)
+            assert out.shape == q.shape and idx.shape == (B, 1, nblocks(S, 64), 19)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_opcheck(device):
-    q, k, v = _inputs(1, 100, 4, 2, 64, torch.float16, device)
+    q, k, v = sparse_inputs(1, 100, 4, 2, 64, torch.float16, device)
     args = (q, k, 32, 1, 1, 1, True, 0.125)
     torch.library.opcheck(torch.ops.deepkern_triton.select_blocks.default, args)
     idx = torch.ops.deepkern_triton.select_blocks(*args)
@@ -521,7 +288,7 @@ def test_compile_fullgraph(device):
         return (a.float() * 2 + b.float()).sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    q, k, v = _inputs(1, 96, 2, 1, 64, torch.float16, device, grad=True)
+    q, k, v = sparse_inputs(1, 96, 2, 1, 64, torch.float16, device, grad=True)
     user_idx = torch.tensor([[[[0, -1], [0, 1], [2, 0]]]], dtype=torch.int32, device=device)
     out = compiled(q, k, v, user_idx)
     grads = torch.autograd.grad(out, (q, k, v))
@@ -540,7 +307,7 @@ def test_compile_fullgraph(device):
 def test_module():
     attn = deepkern.nn.BlockSparseAttention(32, topk=1, sink_blocks=1, local_blocks=1, causal=False)
     assert "topk=1" in repr(attn) and not list(attn.parameters())
-    q, k, v = _inputs(1, 100, 2, 1, 16, torch.float32, "cpu", grad=True)
+    q, k, v = sparse_inputs(1, 100, 2, 1, 16, torch.float32, "cpu", grad=True)
     out, idx = attn(q, k, v, return_indices=True)
     assert idx.shape == (1, 1, 4, 3)
     assert_close(out, deepkern.sparse_attention(q, k, v, 32, 1, 1, 1, False, backend="torch"),
@@ -554,7 +321,7 @@ def test_module():
 
 
 def test_torch_backend_float32_any_head_dim():
-    q, k, v = _inputs(2, 90, 6, 3, 48, torch.float32, "cpu")
+    q, k, v = sparse_inputs(2, 90, 6, 3, 48, torch.float32, "cpu")
     out = deepkern.sparse_attention(q, k, v, 32, topk=3, backend="torch")
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           is_causal=True, enable_gqa=True).transpose(1, 2)
@@ -563,7 +330,7 @@ def test_torch_backend_float32_any_head_dim():
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_backend_refusals(device):
-    q, k, v = _inputs(1, 64, 2, 1, 64, torch.float16, device)
+    q, k, v = sparse_inputs(1, 64, 2, 1, 64, torch.float16, device)
     with pytest.raises(deepkern.BackendUnavailableError,
                        match=r"backend 'cuda' cannot serve this call: .*not implemented yet \(issue 5's part 2\)"):
         deepkern.sparse_attention(q, k, v, backend="cuda")
@@ -571,7 +338,7 @@ def test_backend_refusals(device):
         deepkern.select_blocks(q, k, backend="cuda")
     with pytest.raises(deepkern.BackendUnavailableError, match="dtype torch.float32"):
         deepkern.sparse_attention(q.float(), k.float(), v.float(), backend="triton")
-    q96, k96, v96 = _inputs(1, 64, 2, 1, 96, torch.float16, device)
+    q96, k96, v96 = sparse_inputs(1, 64, 2, 1, 96, torch.float16, device)
     with pytest.raises(deepkern.BackendUnavailableError, match="head_dim 96"):
         deepkern.sparse_attention(q96, k96, v96, backend="triton")
     with pytest.raises(deepkern.BackendUnavailableError, match="topk=65 > 64"):
@@ -584,14 +351,14 @@ def test_backend_refusals(device):
 def test_auto_on_cpu_without_interpreter_uses_torch(monkeypatch):
     monkeypatch.delenv("DEEPKERN_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v = _inputs(1, 70, 2, 1, 64, torch.float16, "cpu")
+    q, k, v = sparse_inputs(1, 70, 2, 1, 64, torch.float16, "cpu")
     out = deepkern.sparse_attention(q, k, v, 32, topk=1)
     assert_close(out, deepkern.sparse_attention(q, k, v, 32, topk=1, backend="torch"), torch.float16)
     assert "sparse_attention" in deepkern._backend.availability(torch.device("cpu"))
 
 
 def _base():
-    return _inputs(1, 64, 4, 2, 64, torch.float16, "cpu")
+    return sparse_inputs(1, 64, 4, 2, 64, torch.float16, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -642,7 +409,7 @@ def test_bad_input_select_blocks():
 
 @pytest.mark.cuda
 def test_device_mismatch():
-    q, k, v = _inputs(1, 64, 2, 1, 64, torch.float16, "cuda")
+    q, k, v = sparse_inputs(1, 64, 2, 1, 64, torch.float16, "cuda")
     with pytest.raises(ValueError, match="k is on cpu, q on cuda:0"):
         deepkern.sparse_attention(q, k.cpu(), v)
     with pytest.raises(ValueError, match="v is on cpu, q on cuda:0"):
@@ -670,10 +437,10 @@ def test_grid_gpu(S, B, heads, D, causal):
     dtype = torch.bfloat16
     bs, topk, sink, local = 64, 3, 1, 2  # sparse from S = 7 blocks on
     scale = 1 / math.sqrt(D)
-    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, "cuda", grad=True)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, D, dtype, "cuda", grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, bs, topk, sink, local, causal,
                                          return_indices=True, backend="triton")
-    _check_selection(idx, q, k, bs, topk, sink, local, causal, scale)
+    check_selection(idx, q, k, bs, topk, sink, local, causal, scale)
     _check_fwd_bwd(q, k, v, out, idx, bs, causal, scale, dtype, ref_dtype=torch.float32)
 
 
@@ -683,10 +450,10 @@ def test_grid_gpu(S, B, heads, D, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_sizes_gpu(dtype, bs, causal):
     B, S, Hq, Hkv, D = 2, 1500, 8, 2, 128
-    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, "cuda", grad=True)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, D, dtype, "cuda", grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, bs, 5, 2, 2, causal, return_indices=True,
                                          backend="triton")
-    _check_selection(idx, q, k, bs, 5, 2, 2, causal, 1 / math.sqrt(D))
+    check_selection(idx, q, k, bs, 5, 2, 2, causal, 1 / math.sqrt(D))
     _check_fwd_bwd(q, k, v, out, idx, bs, causal, 1 / math.sqrt(D), dtype, ref_dtype=torch.float32)
 
 
@@ -694,7 +461,7 @@ def test_block_sizes_gpu(dtype, bs, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_equivalent_gpu(causal):
     B, S, Hq, Hkv, D = 2, 1000, 8, 2, 128
-    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, "cuda", grad=True)
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, D, torch.bfloat16, "cuda", grad=True)
     out = deepkern.sparse_attention(q, k, v, 64, topk=16, causal=causal, backend="triton")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -709,8 +476,8 @@ def test_dense_equivalent_gpu(causal):
 @pytest.mark.cuda
 def test_user_indices_gpu():
     B, S, Hq, Hkv, D, bs = 2, 2000, 8, 2, 128, 64
-    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, "cuda", grad=True)
-    idx = _user_indices(B, Hkv, _nb(S, bs), 12, "cuda")
+    q, k, v = sparse_inputs(B, S, Hq, Hkv, D, torch.bfloat16, "cuda", grad=True)
+    idx = _user_indices(B, Hkv, nblocks(S, bs), 12, "cuda")
     for causal in (True, False):
         out = deepkern.sparse_attention(q, k, v, bs, indices=idx, causal=causal, backend="triton")
         _check_fwd_bwd(q, k, v, out, idx, bs, causal, 1 / math.sqrt(D), torch.bfloat16,
@@ -721,7 +488,7 @@ def test_user_indices_gpu():
 def test_backward_deterministic_gpu():
     """Block 0 (a sink) is in every row: its dk/dv sums ~nb contributions; two runs must give
     the same bits for dq, dk and dv."""
-    q, k, v = _inputs(1, 8192, 8, 2, 128, torch.bfloat16, "cuda", grad=True)
+    q, k, v = sparse_inputs(1, 8192, 8, 2, 128, torch.bfloat16, "cuda", grad=True)
     out = deepkern.sparse_attention(q, k, v, backend="triton")
     dout = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
@@ -732,47 +499,8 @@ def test_backward_deterministic_gpu():
 
 
 @pytest.mark.cuda
-def test_select_one_million_tokens_memory_gpu():
-    """S = 1M, B=1, Hkv=8: 16384 blocks. Nothing of size nblocks^2 may exist: the extra memory
-    stays far below nblocks^2 * 4 bytes (1 GiB); the result is checked against the reference
-    selection (run in chunks) on a sample of (head, block) rows."""
-    S, Hkv, D, bs = 1 << 20, 8, 128, 64
-    nb = S // bs
-    q = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    idx = deepkern.select_blocks(q, k, bs, 16, 1, 2, True, backend="triton")
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra < nb * nb * 4 / 4, f"selection used {extra / 2**20:.0f} MiB at S=1M"
-    assert idx.shape == (1, Hkv, nb, 19)
-    _check_format(idx, nb, True)
-    assert ((idx >= 0).sum(-1)[..., 19:] == 19).all(), "rows past block 18 must be full"
-    # Sampled rows against the reference: summaries in fp32, scores for the sampled rows only.
-    qs, ks = block_summaries_ref(q, k, bs, 1 / math.sqrt(D))
-    rows = torch.tensor([0, 1, 2, 19, 777, 4096, nb // 2, nb - 2, nb - 1], device="cuda")
-    scores = torch.einsum("hrd,hjd->hrj", qs[0][:, rows], ks[0])
-    j = torch.arange(nb, device="cuda")
-    cand = (j >= 1) & (j <= rows[:, None] - 2)
-    scores = torch.where(cand, scores, -math.inf)
-    order = scores.sort(dim=-1, descending=True, stable=True)
-    for hr in range(Hkv):
-        for r, i in enumerate(rows.tolist()):
-            got = set(idx[0, hr, i].tolist()) - {-1} - {0, i - 1, i}
-            n = min(16, max(0, i - 2))
-            want = order.indices[hr, r, :n].tolist()
-            assert len(got) == n, (hr, i, sorted(got))
-            if got != set(want):  # a near-tie broken the other way: scores must agree closely
-                s = scores[hr, r]
-                kth = order.values[hr, r, n - 1].item()
-                assert min(s[list(got)].tolist()) >= kth - 1e-4 * (1 + abs(kth)), (hr, i)
-
-
-@pytest.mark.cuda
 def test_compile_and_cuda_graph_gpu():
-    q, k, v = _inputs(1, 4096, 8, 2, 128, torch.bfloat16, "cuda")
+    q, k, v = sparse_inputs(1, 4096, 8, 2, 128, torch.bfloat16, "cuda")
     eager = deepkern.sparse_attention(q, k, v, backend="triton")
     graph = torch.cuda.CUDAGraph()
     deepkern.sparse_attention(q, k, v, backend="triton")
