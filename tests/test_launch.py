@@ -103,3 +103,20 @@ def test_arg_key_separates_specializations():
     assert key(16) != key(17) and key(1) != key(2)  # divisible by 16; equal to 1
     assert key(2**31) != key(2**31 - 16)  # 32- vs 64-bit
     assert key(True) != key(1) and key(0.5) == key(2.0)  # bools apart; floats not specialized
+
+
+def test_arg_key_of_tensor_descriptors():
+    """A TensorDescriptor keys on its dtype and block shape (what Triton specializes it on; the
+    launcher encodes the tensor map from base, shape and strides at every launch)."""
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    from deepkern.triton_kernels import _launch
+
+    def desc(t, block):
+        return TensorDescriptor(t, shape=list(t.shape), strides=list(t.stride()), block_shape=block)
+
+    a = torch.zeros(128, 64, dtype=torch.float16)
+    key = _launch._arg_key
+    assert key(desc(a, [32, 64])) == key(desc(torch.ones(256, 64, dtype=torch.float16), [32, 64]))
+    assert key(desc(a, [32, 64])) != key(desc(a, [64, 64]))  # block shape
+    assert key(desc(a, [32, 64])) != key(desc(a.bfloat16(), [32, 64]))  # dtype
+    assert key(desc(a, [32, 64])) != key(a)
