@@ -12,8 +12,7 @@ ids are clamped, so malformed indices give wrong numbers but never a bad memory 
 Forward: a program owns query block i of one (batch, kv head) and all G query heads of it:
 the Q tile stacks HPP heads x block_size tokens as rows (token-major, so each token's HPP
 heads are one contiguous load), and loops over the G / HPP head chunks; each listed KV block
-is thus read from DRAM once per group (repeats hit L2); on Hopper the K/V tiles of the
-unmasked steps come through TMA tensor maps (_kv_descriptors). Online softmax in the exp2 domain,
+is thus read from DRAM once per group (repeats hit L2). Online softmax in the exp2 domain,
 fp32 accumulation; the log-sum-exp is saved in log2 units (+inf for rows without keys, so
 the backward's exp2(s - lse) is 0 there).
 

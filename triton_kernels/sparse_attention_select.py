@@ -160,8 +160,7 @@ def _topk_kernel(
         big = tl.max(tl.load(BIG + bh * nb + i, mask=i < nb, other=0) & 2, axis=0)
         for j0 in range(0, j_end, 1024):
             jb = j0 + tl.arange(0, 1024)
-            flags = tl.load(BIG + bh * nb + jb, mask=(jb >= sink) & (jb < j_end), other=0)
-            big |= tl.max(flags & 1, axis=0)
+            big |= tl.max(tl.load(BIG + bh * nb + jb, mask=(jb >= sink) & (jb < j_end), other=0) & 1, axis=0)
         _topk_rows(QS, KS, OUT, bh, i, tl.where(big != 0, j_end, sink), big != 0, nb, topk, sink,
                    local, width, CAUSAL, D, BM, BC, TK, WC, True, PRECISION)
     else:
@@ -187,8 +186,7 @@ def _topk_rows(QS, KS, OUT, bh, i, j_end, store, nb, topk, sink, local, width,
         if FMA:
             s = _fma_scores(QS + base, KS + base, i, jj, nb, D, BM, BC)
         else:
-            ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None],
-                         other=0.0)
+            ks = tl.load(KS + base + jj[:, None] * D + d[None, :], mask=(jj < nb)[:, None], other=0.0)
             s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION)
         s = tl.where(s != s, LOWEST, s)
         s = tl.maximum(s, LOWEST)
