@@ -148,20 +148,30 @@ def test_select_kernel_64_row_programs(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_select_kernel_infinite_summaries(device):
+@pytest.mark.parametrize("rows", [None, 64])
+def test_select_kernel_infinite_summaries(device, rows, monkeypatch):
     """A key block with +inf scores +inf against every query (the positive summaries) and is
-    every later row's first choice; one with -inf ranks lowest, as in the reference."""
-    nb, bs, D = 12, 32, 64
+    every later row's first choice; one with -inf ranks lowest, as in the reference. The
+    tensor-core launch scores such blocks NaN; a second launch of 16-row programs redoes the
+    programs that meet one. rows=64: the first launch's 64-row programs span rows whose
+    16-row program is redone and rows (0-15) that keep the first launch's choices."""
+    from deepkern.triton_kernels import sparse_attention_select as sel
+
+    if rows is not None:
+        monkeypatch.setattr(sel, "rows_per_program", lambda nb, n_bh, tk: rows)
+    nb, bs, D = 40, 32, 64
     q = (1 + 0.1 * torch.randn(1, nb * bs, 1, D)).half().to(device)
     k = torch.randn(1, nb * bs, 1, D).half().to(device)
-    k[0, 3 * bs + 5, 0, 7] = float("inf")
-    k[0, 5 * bs + 2, 0, 9] = float("-inf")
+    k[0, 20 * bs + 5, 0, 7] = float("inf")
+    k[0, 30 * bs + 2, 0, 9] = float("-inf")
     idx = deepkern.select_blocks(q, k, bs, 2, 1, 1, True, backend="triton").cpu()
     ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 2, 1, 1, True)
-    assert (ref[0, 0, 4:] == 3).any(-1).all() and not (ref[0, 0, 8:] == 5).any()
-    assert (idx[0, 0, 4:] == 3).any(-1).all(), idx[0, 0]
-    assert not (idx[0, 0, 8:] == 5).any(), idx[0, 0]
+    assert (ref[0, 0, 21:] == 20).any(-1).all() and not (ref[0, 0, 32:] == 30).any()
+    assert (idx[0, 0, 21:] == 20).any(-1).all(), idx[0, 0]
+    assert not (idx[0, 0, 32:] == 30).any(), idx[0, 0]
     check_format(idx, nb, True)
+    # Rows 0-15 see only key blocks 0-14 (finite): the reference on that prefix decides them.
+    check_selection(idx[:, :, :16], q[:, :16 * bs], k[:, :16 * bs], bs, 2, 1, 1, True, 1 / 8)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
