@@ -165,9 +165,10 @@ def test_head_chunk_loops(device, causal, monkeypatch):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
-    """K/V tiles through tensor maps over the [B*S, Hkv*D] views (forward and dq kernels; the
-    GPU takes them for contiguous k, v) give the same bits as pointer loads: two batches, so
-    the views run across the batch boundary, and a partial last block."""
+    """K/V tiles through tensor maps over the [B*S, Hkv*D] views (forward and dq kernels) and
+    q/dO tiles through maps over the [B, S, Hq*D] views (dk/dv kernel; the GPU takes both for
+    contiguous tensors) give the same bits as pointer loads: two batches, so the 2-D views run
+    across the batch boundary, and a partial last block (rows past S zero-filled)."""
     from deepkern.triton_kernels import sparse_attention as kernels
 
     q, k, v = sparse_inputs(2, 200, 4, 2, 64, torch.float16, device, grad=True)
