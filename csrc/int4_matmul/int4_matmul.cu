@@ -199,15 +199,9 @@ __device__ __forceinline__ float load_bias(const Params& p, int n) {
 // One U x 128-wide K batch of a lane's weights and per-chunk constants, loaded ahead of use.
 template <typename S, int U>
 struct Batch {
-  static_assert(U <= 4, "zero points: 2 U nibbles in one word");
   uint4 w0[U], w1[U];  // rows row0 / row1: 32 codes each
   S s0[U], s1[U];
-  // Zero points (0..15) of rows row0 / row1 of chunk u at bits 8u / 8u + 4: one register
-  // instead of 2 U bytes in 2 U registers (with two batches live, the fp16 kernels at U = 4
-  // spilled 12 bytes at the 128-register cap).
-  uint32_t zbits;
-  __device__ __forceinline__ uint32_t z0(int u) const { return (zbits >> (8 * u)) & 0xFu; }
-  __device__ __forceinline__ uint32_t z1(int u) const { return (zbits >> (8 * u + 4)) & 0xFu; }
+  uint8_t z0[U], z1[U];
 };
 
 template <typename S, bool HAS_ZEROS, int U>
@@ -215,7 +209,6 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
                                            bool ok1, const uint4* w0_ptr, const uint4* w1_ptr,
                                            Batch<S, U>& b) {
   const S* scales = static_cast<const S*>(p.scales);
-  b.zbits = HAS_ZEROS ? 0u : 0x88888888u;  // symmetric: every zero point is 8
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int kc = kb + u * kChunkK + 32 * t;  // this lane's chunk
@@ -227,9 +220,10 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
     b.s0[u] = ok0 && valid ? scales[gi] : S{};
     b.s1[u] = ok1 && valid ? scales[gi + 8] : S{};
     if constexpr (HAS_ZEROS) {
-      const uint32_t z0 = ok0 && valid ? p.zeros[gi] : 8;
-      const uint32_t z1 = ok1 && valid ? p.zeros[gi + 8] : 8;
-      b.zbits |= (z0 | z1 << 4) << (8 * u);
+      b.z0[u] = ok0 && valid ? p.zeros[gi] : 8;
+      b.z1[u] = ok1 && valid ? p.zeros[gi + 8] : 8;
+    } else {
+      b.z0[u] = b.z1[u] = 8;
     }
   }
 }
@@ -285,8 +279,8 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
       const int kc = kb + u * kChunkK + 32 * t;
       const bool valid = kc < k_end;
       Dequant<T> d0, d1;
-      d0.init(to_x_dtype<T>(cur.s0[u]), cur.z0(u));
-      d1.init(to_x_dtype<T>(cur.s1[u]), cur.z1(u));
+      d0.init(to_x_dtype<T>(cur.s0[u]), cur.z0[u]);
+      d1.init(to_x_dtype<T>(cur.s1[u]), cur.z1[u]);
       // x rows g and g + 8 (tile 1) over this lane's chunk: 4 x 16 bytes each.
       uint4 xv[MT][4];
 #pragma unroll
