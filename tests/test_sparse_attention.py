@@ -186,6 +186,74 @@ def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
     _check_fwd_bwd(q, k, v, results[0][0], results[0][1].cpu(), 32, causal, 1 / 8, torch.float16)
 
 
+@pytest.mark.parametrize("L, slots", [(1, 1000), (3, 1000), (3, 7), (50, 2)])
+def test_dkdv_work_covers_every_entry_once(L, slots):
+    """The dk/dv work list (built on the device from the CSR offsets, with bounds in place
+    of counts) covers each list's entries exactly once: whole, or as parts of <= L entries
+    with distinct partial-sum slots that the split rows add up in order."""
+    from deepkern.triton_kernels import sparse_attention as kernels
+
+    torch.manual_seed(0)
+    bh, nb = 3, 9
+    lens = torch.randint(0, 12, (bh * nb,))
+    lens[::nb] = 40  # long lists at key block 0, launched first
+    offs = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    work, split = kernels._dkdv_work(offs, bh, nb, L, slots)
+    assert work.shape[0] >= int(torch.clamp((lens + L - 1) // L, min=1).sum().clamp(max=bh * nb + slots))
+    covered = {}
+    used = []
+    for seg, lo, hi, slot in work.tolist():
+        if seg < 0:
+            continue
+        covered.setdefault(seg, []).append((lo, hi, slot))
+        if slot >= 0:
+            assert hi - lo <= L
+            used.append(slot)
+    assert len(used) == len(set(used)) and all(0 <= u < slots for u in used)
+    for seg in range(bh * nb):
+        items = sorted(covered[seg])
+        assert items[0][0] == offs[seg] and items[-1][1] == offs[seg + 1], seg
+        assert all(a[1] == b[0] for a, b in zip(items, items[1:])), seg
+    sums = {seg: (base, n) for seg, base, n in split.tolist() if seg >= 0}
+    for seg, items in covered.items():
+        if len(items) > 1:
+            base, n = sums.pop(seg)
+            assert [slot for _, _, slot in sorted(items)] == list(range(base, base + n))
+        else:
+            assert items[0][2] == -1
+    assert not sums
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length, slots", [(2, 512), (3, 4)])
+def test_dkdv_split_lists(device, causal, length, slots, monkeypatch):
+    """dk/dv lists longer than `length` entries run as parts whose fp32 partial sums a second
+    kernel adds; with 4 slots only the first long lists in launch order split, the rest run
+    whole. Two batches, GQA, a partial last block; the same bits on a second run."""
+    from deepkern.triton_kernels import sparse_attention as kernels
+
+    monkeypatch.setattr(kernels, "_split_length", lambda total, W: length)
+    monkeypatch.setattr(kernels, "SPLIT_SLOTS", slots)
+    q, k, v = sparse_inputs(2, 300, 4, 2, 64, torch.float16, device, grad=True)
+    out, idx = deepkern.sparse_attention(q, k, v, 32, 2, 1, 1, causal, return_indices=True,
+                                         backend="triton")
+    nb = nblocks(300, 32)
+    offs, _ = kernels.transpose_indices(idx.contiguous(), nb)
+    lens = offs[1:] - offs[:-1]
+    assert (lens > length).sum() > 2, "the case must hold lists to split"
+    work, split = kernels._dkdv_work(offs, 4, nb, length, slots)
+    assert (split[:, 0] >= 0).sum() > 0 and (work[:, 3] >= 0).sum() <= slots
+    if slots == 4:
+        assert ((lens > length).sum() > (split[:, 0] >= 0).sum()), "some long lists run whole"
+    dout = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    g2 = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
+        assert torch.equal(a, b), name
+    _check_fwd_bwd(q, k, v, out, idx.cpu(), 32, causal, 1 / 8, torch.float16)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_equivalent_matches_sdpa(device, causal):

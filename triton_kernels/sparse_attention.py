@@ -19,8 +19,9 @@ the backward's exp2(s - lse) is 0 there).
 Backward: the dq kernel walks the same lists (and stores delta = rowsum(dO * O) first); the
 dk/dv kernel walks, for each key block, the query blocks that listed it (a CSR transpose built
 by a sort: deterministic, no atomics); each program owns one key block's dk/dv and sums its
-contributions in a fixed order. Key blocks chosen by many query blocks (the sink blocks) make
-long programs: they are launched first (program ids run over batch x kv head fastest).
+contributions in a fixed order. Lists longer than a bound (the sink blocks' lists hold every
+query block) are split into parts run by separate programs, launched first; each part writes
+fp32 partial sums that a second small kernel adds in part order (the same bits run to run).
 """
 
 from __future__ import annotations
@@ -263,17 +264,24 @@ def _dkdv_chunk(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i, c, b, h, G, Hq, S, 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, OFFS, QLIST,
-    S, nb, BH, Hq, Hkv, G,
+    Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, PART, OFFS, QLIST, WORK,
+    S, nb, Hq, Hkv, G,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     qk_scale, sm_scale,
     CAUSAL: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, HPQ: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    j = pid // BH  # all (batch, kv head) programs of block 0 (a sink, the longest list) first
-    bh = pid % BH
+    # Work item: (segment, its entries lo:hi, partial-sum slot or -1); see _dkdv_work.
+    w = WORK + tl.program_id(0) * 4
+    seg = tl.load(w)
+    if seg < 0:  # past the last work item
+        return
+    lo = tl.load(w + 1)
+    hi = tl.load(w + 2)
+    slot = tl.load(w + 3)
+    j = seg % nb
+    bh = seg // nb
     b = (bh // Hkv).to(tl.int64)
     h = bh % Hkv
     tt = tl.arange(0, BS)
@@ -290,12 +298,12 @@ def _dkdv_kernel(
                 mask=kval[:, None], other=0.0)
     dk = tl.zeros([BS, D], dtype=tl.float32)
     dv = tl.zeros([BS, D], dtype=tl.float32)
-    seg = bh.to(tl.int64) * nb + j
     start = tl.load(OFFS + seg)
     end = tl.load(OFFS + seg + 1)
-    # Lists are ascending in i and (causal) start at i >= j: only the first entry can be the
-    # diagonal block, so only it carries the mask.
-    has = start < end
+    # Lists are ascending in i and (causal) start at i >= j: only a list's first entry can be
+    # the diagonal block, so only it carries the mask (in the first part; later parts skip it).
+    first = lo == start
+    has = first & (start < end)
     i0 = tl.load(QLIST + start, mask=has, other=0)
     for c in range(0, G, HPQ):
         dk, dv = _dkdv_chunk(dk, dv, k, v, Q, DO, QD, DOD, LSE, DELTA, i0, c, b, h, G, Hq, S, kpos,
@@ -307,7 +315,7 @@ def _dkdv_kernel(
     # (bench config): this loop with 4 warps 7.6 ms; nested loops 9.0 (8 warps) / 9.5 (4);
     # this loop with 8 warps 9.8 (.dev/dkdv_sweep.py).
     nc = G // HPQ
-    for s in range((start + 1) * nc, end * nc):
+    for s in range((lo + first.to(lo.dtype)) * nc, hi * nc):
         e = s // nc
         c = ((s - e * nc) * HPQ).to(tl.int32)
         i = tl.load(QLIST + e)
@@ -315,7 +323,42 @@ def _dkdv_kernel(
                              t, g, d, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos,
                              stride_doh, qk_scale, True, BS=BS, D=D, HPQ=HPQ, MASK=False,
                              CAUSAL=CAUSAL, TMA=TMA)
-    row = (b * S + kpos64) * Hkv + h
+    if slot >= 0:  # one part of a split list: fp32 partial sums, added up by _dkdv_reduce
+        o = (slot.to(tl.int64) * 2 * BS + tt[:, None]) * D + d[None, :]
+        tl.store(PART + o, dk)
+        tl.store(PART + o + BS * D, dv)
+    else:
+        row = (b * S + kpos64) * Hkv + h
+        tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kval[:, None])
+        tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kval[:, None])
+
+
+@triton.jit
+def _dkdv_reduce(DK, DV, PART, SPLIT, S, nb, Hkv, sm_scale, BS: tl.constexpr, D: tl.constexpr):
+    """dk, dv of a split list: its parts' partial sums added in part order (deterministic)."""
+    w = SPLIT + tl.program_id(0) * 3
+    seg = tl.load(w)
+    if seg < 0:
+        return
+    base = tl.load(w + 1).to(tl.int64)
+    n = tl.load(w + 2)
+    j = seg % nb
+    bh = seg // nb
+    b = (bh // Hkv).to(tl.int64)
+    h = bh % Hkv
+    tt = tl.arange(0, BS)
+    d = tl.arange(0, D)
+    dk = tl.zeros([BS, D], dtype=tl.float32)
+    dv = tl.zeros([BS, D], dtype=tl.float32)
+    for r in range(n):
+        o = ((base + r) * 2 * BS + tt[:, None]) * D + d[None, :]
+        dk += tl.load(PART + o)
+        dv += tl.load(PART + o + BS * D)
+    kpos = j * BS + tt
+    kval = kpos < S
+    row = (b * S + kpos.to(tl.int64)) * Hkv + h
     tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kval[:, None])
     tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
@@ -399,6 +442,54 @@ def transpose_indices(indices: torch.Tensor, nb: int):
         qlist = torch.zeros(1, dtype=torch.int32, device=dev)
     return offs, qlist
 
+def _split_length(total: int, W: int) -> int:
+    """Entries per dk/dv program at most. A list longer than this (the sink blocks' lists hold
+    every query block) is split into parts so that no program runs much longer than the
+    average: about a quarter of the average work of a resident program on an H100 (132 SMs x
+    2), and never below 4 W, so that typical lists stay whole. H100, backward at 32K (bench
+    config) without sink blocks (same W): 7.6 -> 6.3 ms, the time the sink lists cost."""
+    return max(4 * W, -(-total // (4 * 2 * 132)), 1)
+
+
+# Partial-sum slots of the dk/dv launch at most (fp32 [2, block, D] each: 32 MB at block 64,
+# D 128). Lists are split in launch order while slots last; later long lists run whole.
+SPLIT_SLOTS = 512
+
+
+def _dkdv_work(offs: torch.Tensor, bh: int, nb: int, L: int, slots: int):
+    """Work lists of the dk/dv launch, built on the device (no host sync, so CUDA graphs and
+    torch.compile work). work int32 [P, 4]: (segment, first and end entry in qlist,
+    partial-sum slot or -1) per program, segments in key-block-major order so the sink lists start first, segment -1 in
+    rows past the last item; split int32 [R, 3]: (segment, first slot, parts) per split
+    list, -1 rows after. P and R are bounds, not the exact counts. Lists are split in launch
+    order while the `slots` partial sums last; later long lists run whole."""
+    dev = offs.device
+    nseg = bh * nb
+    order = torch.arange(nseg, device=dev).view(bh, nb).t().flatten()  # j-major
+    start = offs[:-1][order]
+    n = offs[1:][order] - start
+    parts = (n + L - 1) // L
+    want = torch.where(parts > 1, parts, 0)
+    split = (want > 0) & (torch.cumsum(want, 0) <= slots)
+    parts = torch.where(split, parts, 1)
+    ends = torch.cumsum(parts, 0)
+    pid = torch.arange(nseg + slots, device=dev)
+    k = torch.searchsorted(ends, pid, right=True).clamp(max=nseg - 1)
+    part = pid - (ends[k] - parts[k])
+    taken = torch.where(split, parts, 0)
+    slot_base = torch.cumsum(taken, 0) - taken
+    live = pid < ends[-1]
+    lo = start[k] + part * L
+    hi = torch.where(split[k], torch.minimum(lo + L, start[k] + n[k]), start[k] + n[k])
+    work = torch.stack([torch.where(live, order[k], -1), lo, hi,
+                        torch.where(live & split[k], slot_base[k] + part, -1)], 1)
+    r = torch.arange(max(slots // 2, 1), device=dev)  # a split list takes >= 2 slots
+    count = torch.cumsum(split.to(torch.int64), 0)
+    ks = torch.searchsorted(count, r, right=True).clamp(max=nseg - 1)
+    split_rows = torch.stack([torch.where(r < count[-1], order[ks], -1), slot_base[ks],
+                              parts[ks]], 1)
+    return work.to(torch.int32), split_rows.to(torch.int32)
+
 
 def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softmax_scale: float):
     """(out [B, S, Hq, D] contiguous, lse [B, S, Hq] fp32 in log2 units)."""
@@ -453,11 +544,20 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
            dict(CAUSAL=causal, BS=block_size, D=D, HPP=hpp, BW=32, TMA=kd is not None),
            num_warps=warps, num_stages=stages)
     offs, qlist = transpose_indices(indices, nb)
+    W = indices.shape[-1]
+    total = B * Hkv * nb * W  # entries, padding included
+    L = _split_length(total, W)
+    slots = min(SPLIT_SLOTS, max(2 * total // L, 2))  # split lists take < 2 total / L
+    work, split = _dkdv_work(offs, B * Hkv, nb, L, slots)
+    part = torch.empty((slots, 2, block_size, D), dtype=torch.float32, device=q.device)
     hpq = _heads_per_tile(G, block_size, MAX_ROWS_DKDV)
     qd, dod = _batch_descriptors(q, dout, block_size, hpq)
-    launch(_dkdv_kernel, (nb * B * Hkv,),
-           (q, k, v, dout, qd, dod, lse, delta, dk, dv, offs, qlist, S, nb, B * Hkv, Hq, Hkv, G,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale, softmax_scale),
+    launch(_dkdv_kernel, (work.shape[0],),
+           (q, k, v, dout, qd, dod, lse, delta, dk, dv, part, offs, qlist, work, S, nb, Hq,
+            Hkv, G, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), qk_scale,
+            softmax_scale),
            dict(CAUSAL=causal, BS=block_size, D=D, HPQ=hpq, TMA=qd is not None),
            num_warps=4 if block_size * D <= 64 * 128 else 8, num_stages=stages)
+    launch(_dkdv_reduce, (split.shape[0],), (dk, dv, part, split, S, nb, Hkv, softmax_scale),
+           dict(BS=block_size, D=D), num_warps=4)
     return dq, dk, dv
