@@ -186,19 +186,23 @@ def test_tma_and_pointer_loads_agree(device, causal, monkeypatch):
     _check_fwd_bwd(q, k, v, results[0][0], results[0][1].cpu(), 32, causal, 1 / 8, torch.float16)
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("L, slots", [(1, 1000), (3, 1000), (3, 7), (50, 2)])
-def test_dkdv_work_covers_every_entry_once(L, slots):
+def test_dkdv_work_covers_every_entry_once(device, L, slots):
     """The dk/dv work list (built on the device from the CSR offsets, with bounds in place
     of counts) covers each list's entries exactly once: whole, or as parts of <= L entries
-    with distinct partial-sum slots that the split rows add up in order."""
+    with distinct partial-sum slots that the split rows add up in order. More segments than
+    the planning kernel's chunk, so its running totals carry across chunks."""
     from deepkern.triton_kernels import sparse_attention as kernels
 
     torch.manual_seed(0)
-    bh, nb = 3, 9
+    bh, nb = 3, 700
     lens = torch.randint(0, 12, (bh * nb,))
     lens[::nb] = 40  # long lists at key block 0, launched first
+    lens[5 * bh + 1] = 13  # and one later
     offs = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-    work, split = kernels._dkdv_work(offs, bh, nb, L, slots)
+    work, split = kernels._dkdv_work(offs.to(device), bh, nb, L, slots)
+    work, split = work.cpu(), split.cpu()
     assert work.shape[0] >= int(torch.clamp((lens + L - 1) // L, min=1).sum().clamp(max=bh * nb + slots))
     covered = {}
     used = []

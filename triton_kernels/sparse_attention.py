@@ -456,39 +456,62 @@ def _split_length(total: int, W: int) -> int:
 SPLIT_SLOTS = 512
 
 
+@triton.jit
+def _dkdv_plan(OFFS, WORK, SPLIT, nseg, BH, nb, L, slots, BLOCK: tl.constexpr):
+    """One program: the work lists of _dkdv_work, scanning the segments in launch order in
+    chunks of BLOCK with running totals (rows it does not write stay -1)."""
+    done_parts = 0  # work rows written so far
+    done_want = 0  # slots that split lists before this chunk asked for
+    done_slots = 0  # slots taken
+    done_split = 0  # split lists
+    for c0 in range(0, nseg, BLOCK):
+        x = c0 + tl.arange(0, BLOCK)
+        m = x < nseg
+        seg = (x % BH) * nb + x // BH  # key-block-major: all (batch, head) lists of block 0 first
+        start = tl.load(OFFS + seg, mask=m, other=0).to(tl.int32)
+        end = tl.load(OFFS + seg + 1, mask=m, other=0).to(tl.int32)
+        parts = (end - start + L - 1) // L
+        want = tl.where(m & (parts > 1), parts, 0)
+        split = (want > 0) & (done_want + tl.cumsum(want, 0) <= slots)
+        parts = tl.where(split, parts, 1)
+        parts = tl.where(m, parts, 0)
+        first = done_parts + tl.cumsum(parts, 0) - parts  # this segment's first work row
+        taken = tl.where(split, parts, 0)
+        slot0 = done_slots + tl.cumsum(taken, 0) - taken
+        for r in range(0, tl.max(parts, 0)):
+            on = m & (r < parts)
+            lo = start + r * L
+            hi = tl.where(split, tl.minimum(lo + L, end), end)
+            row = WORK + (first + r) * 4
+            tl.store(row, seg, mask=on)
+            tl.store(row + 1, lo, mask=on)
+            tl.store(row + 2, hi, mask=on)
+            tl.store(row + 3, tl.where(split, slot0 + r, -1), mask=on)
+        srow = SPLIT + (done_split + tl.cumsum(split.to(tl.int32), 0) - 1) * 3
+        tl.store(srow, seg, mask=split)
+        tl.store(srow + 1, slot0, mask=split)
+        tl.store(srow + 2, parts, mask=split)
+        done_parts += tl.sum(parts, 0)
+        done_want += tl.sum(want, 0)
+        done_slots += tl.sum(taken, 0)
+        done_split += tl.sum(split.to(tl.int32), 0)
+
+
 def _dkdv_work(offs: torch.Tensor, bh: int, nb: int, L: int, slots: int):
-    """Work lists of the dk/dv launch, built on the device (no host sync, so CUDA graphs and
-    torch.compile work). work int32 [P, 4]: (segment, first and end entry in qlist,
-    partial-sum slot or -1) per program, segments in key-block-major order so the sink lists start first, segment -1 in
-    rows past the last item; split int32 [R, 3]: (segment, first slot, parts) per split
-    list, -1 rows after. P and R are bounds, not the exact counts. Lists are split in launch
-    order while the `slots` partial sums last; later long lists run whole."""
-    dev = offs.device
+    """Work lists of the dk/dv launch, built on the device by one small kernel (no host sync,
+    so CUDA graphs and torch.compile work; a first version in ~60 torch ops cost more host
+    time than the whole backward's GPU time at 8K). work int32 [P, 4]: (segment, first and
+    end entry in qlist, partial-sum slot or -1) per program, segments in key-block-major
+    order so the sink lists start first; split int32 [R, 3]: (segment, first slot, parts)
+    per split list. Rows past the last item are -1: P and R are bounds, not the exact
+    counts. Lists are split in launch order while the `slots` partial sums last; later long
+    lists run whole."""
     nseg = bh * nb
-    order = torch.arange(nseg, device=dev).view(bh, nb).t().flatten()  # j-major
-    start = offs[:-1][order]
-    n = offs[1:][order] - start
-    parts = (n + L - 1) // L
-    want = torch.where(parts > 1, parts, 0)
-    split = (want > 0) & (torch.cumsum(want, 0) <= slots)
-    parts = torch.where(split, parts, 1)
-    ends = torch.cumsum(parts, 0)
-    pid = torch.arange(nseg + slots, device=dev)
-    k = torch.searchsorted(ends, pid, right=True).clamp(max=nseg - 1)
-    part = pid - (ends[k] - parts[k])
-    taken = torch.where(split, parts, 0)
-    slot_base = torch.cumsum(taken, 0) - taken
-    live = pid < ends[-1]
-    lo = start[k] + part * L
-    hi = torch.where(split[k], torch.minimum(lo + L, start[k] + n[k]), start[k] + n[k])
-    work = torch.stack([torch.where(live, order[k], -1), lo, hi,
-                        torch.where(live & split[k], slot_base[k] + part, -1)], 1)
-    r = torch.arange(max(slots // 2, 1), device=dev)  # a split list takes >= 2 slots
-    count = torch.cumsum(split.to(torch.int64), 0)
-    ks = torch.searchsorted(count, r, right=True).clamp(max=nseg - 1)
-    split_rows = torch.stack([torch.where(r < count[-1], order[ks], -1), slot_base[ks],
-                              parts[ks]], 1)
-    return work.to(torch.int32), split_rows.to(torch.int32)
+    work = torch.full((nseg + slots, 4), -1, dtype=torch.int32, device=offs.device)
+    split = torch.full((max(slots // 2, 1), 3), -1, dtype=torch.int32, device=offs.device)
+    launch(_dkdv_plan, (1,), (offs, work, split, nseg, bh, nb, L, slots),
+           dict(BLOCK=1024), num_warps=4)
+    return work, split
 
 
 def sparse_attention_fwd(q, k, v, indices, block_size: int, causal: bool, softmax_scale: float):
