@@ -312,7 +312,10 @@ def sparse_attention(
     Returns:
         out [B, S, Hq, D] in q's dtype (and the indices when return_indices=True).
         Differentiable in q, k and v for the given selection (which is not differentiated);
-        the backward is deterministic.
+        the backward is deterministic. Its Triton kernels use, besides dq/dk/dv, O(B * S * Hq)
+        fp32 for delta, O(B * Hkv * nb * W) int32/int64 for the transposed index lists, and
+        up to 512 x 2 x block_size x D fp32 partial sums (32 MB at block 64, D 128) for the
+        long key-block lists (the sink blocks'), which run split across programs.
     """
     _check(q, k, v, block_size, topk, sink_blocks, local_blocks, causal, softmax_scale)
     if indices is not None:
