@@ -328,11 +328,7 @@ def _dkdv_kernel(
         tl.store(PART + o, dk)
         tl.store(PART + o + BS * D, dv)
     else:
-        row = (b * S + kpos64) * Hkv + h
-        tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=kval[:, None])
-        tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=kval[:, None])
+        _store_dkdv(DK, DV, dk, dv, b, h, j, S, Hkv, sm_scale, BS, D)
 
 
 @triton.jit
@@ -344,10 +340,6 @@ def _dkdv_reduce(DK, DV, PART, SPLIT, S, nb, Hkv, sm_scale, BS: tl.constexpr, D:
         return
     base = tl.load(w + 1).to(tl.int64)
     n = tl.load(w + 2)
-    j = seg % nb
-    bh = seg // nb
-    b = (bh // Hkv).to(tl.int64)
-    h = bh % Hkv
     tt = tl.arange(0, BS)
     d = tl.arange(0, D)
     dk = tl.zeros([BS, D], dtype=tl.float32)
@@ -356,12 +348,20 @@ def _dkdv_reduce(DK, DV, PART, SPLIT, S, nb, Hkv, sm_scale, BS: tl.constexpr, D:
         o = ((base + r) * 2 * BS + tt[:, None]) * D + d[None, :]
         dk += tl.load(PART + o)
         dv += tl.load(PART + o + BS * D)
-    kpos = j * BS + tt
-    kval = kpos < S
+    bh = seg // nb
+    _store_dkdv(DK, DV, dk, dv, (bh // Hkv).to(tl.int64), bh % Hkv, seg % nb, S, Hkv, sm_scale,
+                BS, D)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, dk, dv, b, h, j, S, Hkv, sm_scale, BS: tl.constexpr, D: tl.constexpr):
+    """Key block j's final dk (scaled) and dv into [B, S, Hkv, D], rows past S skipped."""
+    kpos = j * BS + tl.arange(0, BS)
+    d = tl.arange(0, D)
     row = (b * S + kpos.to(tl.int64)) * Hkv + h
     tl.store(DK + row[:, None] * D + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kval[:, None])
-    tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kval[:, None])
+             mask=(kpos < S)[:, None])
+    tl.store(DV + row[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=(kpos < S)[:, None])
 
 
 # ------------------------------------------------------------------------------------------
