@@ -237,7 +237,7 @@ def test_dkdv_split_lists(device, causal, length, slots, monkeypatch):
     whole. Two batches, GQA, a partial last block; the same bits on a second run."""
     from deepkern.triton_kernels import sparse_attention as kernels
 
-    monkeypatch.setattr(kernels, "_split_length", lambda total, W: length)
+    monkeypatch.setattr(kernels, "_split_length", lambda total, W, sms: length)
     monkeypatch.setattr(kernels, "SPLIT_SLOTS", slots)
     q, k, v = sparse_inputs(2, 300, 4, 2, 64, torch.float16, device, grad=True)
     out, idx = deepkern.sparse_attention(q, k, v, 32, 2, 1, 1, causal, return_indices=True,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -43,6 +42,7 @@ import triton.language as tl
 
 from deepkern._backend import on_device
 
+from ._device import cuda_facts
 from ._launch import launch
 
 MAGIC_BITS = 0x4B000000  # float bits of 2^23, passed as a kernel argument (see _unpack)
@@ -135,18 +135,12 @@ def _check_config(c: Config) -> None:
                          "block_k >= 32)")
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_facts(index: int) -> tuple[str, int]:
-    props = torch.cuda.get_device_properties(index)
-    return f"sm{props.major}{props.minor}", props.multi_processor_count
-
-
 def device_facts(device: torch.device) -> tuple[str, int]:
     """(kind, number of SMs): kind keys CONFIGS ("sm90", ...; "cpu" for the interpreter)."""
     if device.type != "cuda":
         return "cpu", 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_facts(index)
+    f = cuda_facts(device)
+    return f"sm{f.major}{f.minor}", f.sms
 
 
 def select_config(device: torch.device, m: int, n: int, k: int) -> Config:

@@ -3,11 +3,11 @@ public launchers; layernorm_gelu_bwd.py: backward): the GELU math and device fac
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import cuda_facts
 
 LOOP_BLOCK = 4096  # chunk of the looped kernels (forward loop, backward statistics)
 
@@ -104,12 +104,7 @@ def _affine_gelu(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexp
 def _num_programs_per_device(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few programs exercise the grid-stride loops
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:  # cached: every backward call asks (host time, see perf notes)
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return cuda_facts(device).sms  # cached: every backward call asks (host time, see perf notes)
 
 
 def _shared_memory(device: torch.device) -> tuple[int, int]:
@@ -117,10 +112,5 @@ def _shared_memory(device: torch.device) -> tuple[int, int]:
     H100's (227 KB, 228 KB) so it runs the pipelined code paths."""
     if device.type != "cuda":
         return 227 * 1024, 228 * 1024
-    return _shared_memory_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory_of(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.shared_memory_per_block_optin, props.shared_memory_per_multiprocessor
+    f = cuda_facts(device)
+    return f.smem_per_block_optin, f.smem_per_sm

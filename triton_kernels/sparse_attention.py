@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import cuda_facts
 from ._launch import launch
 
 try:
@@ -381,7 +382,7 @@ def _tma_views_ok(t: torch.Tensor) -> bool:
     newer GPU, heads packed next to each other, batches at S times the token stride, 16-byte
     aligned base and token stride (e.g. k and v sliced out of one packed qkv tensor qualify)."""
     B, S, H, D = t.shape
-    return (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return (t.is_cuda and cuda_facts(t.device).major >= 9
             and t.stride(3) == 1 and t.stride(2) == D and t.stride(0) == S * t.stride(1)
             and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
             and B * S < 2**31)
@@ -442,13 +443,13 @@ def transpose_indices(indices: torch.Tensor, nb: int):
         qlist = torch.zeros(1, dtype=torch.int32, device=dev)
     return offs, qlist
 
-def _split_length(total: int, W: int) -> int:
+def _split_length(total: int, W: int, sms: int) -> int:
     """Entries per dk/dv program at most. A list longer than this (the sink blocks' lists hold
     every query block) is split into parts so that no program runs much longer than the
-    average: about a quarter of the average work of a resident program on an H100 (132 SMs x
-    2), and never below 4 W, so that typical lists stay whole. H100, backward at 32K (bench
-    config) without sink blocks (same W): 7.6 -> 6.3 ms, the time the sink lists cost."""
-    return max(4 * W, -(-total // (4 * 2 * 132)), 1)
+    average: about a quarter of the average work of a resident program (2 per SM), and never
+    below 4 W, so that typical lists stay whole. H100, backward at 32K (bench config) without
+    sink blocks (same W): 7.6 -> 6.3 ms, the time the sink lists cost."""
+    return max(4 * W, -(-total // (4 * 2 * sms)), 1)
 
 
 # Partial-sum slots of the dk/dv launch at most (fp32 [2, block, D] each: 32 MB at block 64,
@@ -569,7 +570,7 @@ def sparse_attention_bwd(dout, q, k, v, out, lse, indices, block_size: int, caus
     offs, qlist = transpose_indices(indices, nb)
     W = indices.shape[-1]
     total = B * Hkv * nb * W  # entries, padding included
-    L = _split_length(total, W)
+    L = _split_length(total, W, cuda_facts(q.device).sms if q.is_cuda else 132)  # CPU: as H100
     slots = min(SPLIT_SLOTS, max(2 * total // L, 2))  # split lists take < 2 total / L
     work, split = _dkdv_work(offs, B * Hkv, nb, L, slots)
     part = torch.empty((slots, 2, block_size, D), dtype=torch.float32, device=q.device)
