@@ -1,6 +1,6 @@
 """Bench cases for deepkern.int4_matmul (W4A16, g=128, asymmetric), the issue's H100 shapes.
 
-Providers, all on the same weight (seeded): ours (CUDA for M <= 16, Triton) in fp16 and
+Providers, all on the same weight (seeded): ours (CUDA, Triton) in fp16 and
 bf16; the Triton dequantization kernel + cuBLAS per call ("deepkern-dequant-cublas", a
 candidate path for large M); cuBLAS fp16 and bf16 (F.linear on the dequantized dense weight,
 so outputs cross-check to rounding); PyTorch's tinygemm (aten._weight_int4pack_mm, bf16) on

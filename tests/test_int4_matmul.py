@@ -415,7 +415,7 @@ def test_device_mismatch():
 
 
 # ------------------------------------------------------------------------------------------
-# CUDA kernel (csrc/int4_matmul/): M <= 16, K % 32 == 0
+# CUDA kernels (csrc/int4_matmul/): K % 32 == 0; small_m_kernel for M <= 16, tile_kernel beyond
 
 
 @pytest.mark.cuda
@@ -486,16 +486,74 @@ def test_cuda_backward(m, n, k, group_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tile", ["0", "1"])
+@pytest.mark.parametrize("m", [17, 65, 300])
+def test_cuda_tile_forward(monkeypatch, dtype, tile, m):
+    """The tile kernels (M > 16), each CTA tile forced (256 x 32 / 256 x 128): x rows not a
+    multiple of the tile, ragged N (13, 77, 100, 300: partial warps and CTAs), K not a
+    multiple of 128 (10944, 2080), every group size, symmetric and asymmetric, bias."""
+    monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
+    for n, k, group_size, symmetric in ((1024, 4096, 128, False), (13, 10944, 64, True), (300, 7392, 32, False),
+                                        (77, 4096, 256, True), (100, 2080, -1, False)):
+        _check(m, n, k, group_size, symmetric, dtype=dtype, device="cuda", backend="cuda", bias=not symmetric)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", ["1", "3", "64"])
+def test_cuda_tile_split_k(monkeypatch, splits):
+    """One split, a ragged split count, one K step per split (fewer than the ring's stages)."""
+    monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
+    for tile in ("0", "1"):
+        monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
+        for dtype in (torch.float16, torch.bfloat16):
+            _check(40, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
+            w = _weight(64, 1024, 128, device="cuda")
+            x = _x(130, 1024, dtype, "cuda")
+            b = torch.randn(64, device="cuda")  # fp32 bias
+            assert_close(deepkern.int4_matmul(x, w, b, backend="cuda"), _ref(x, w, b), dtype)
+            y = deepkern.int4_matmul(x, w, b, backend="cuda")
+            assert torch.equal(y, deepkern.int4_matmul(x, w, b, backend="cuda"))  # deterministic
+
+
+@pytest.mark.cuda
+def test_cuda_tile_exact_and_layouts():
+    """Identity rows of x read the dense weight back bit for bit through every tile; scales
+    in another dtype (converted to x's), unaligned rows, a CUDA graph (split-K summed by
+    the second kernel)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        w = _weight(300, 512, 32, device="cuda", dtype=dtype)
+        dense = w.dequantize(dtype)
+        for rows in (torch.arange(512), torch.randperm(512)[:40]):
+            x = torch.eye(512, dtype=dtype, device="cuda")[rows.cuda()]
+            y = deepkern.int4_matmul(x, w, backend="cuda")
+            assert torch.equal(y, dense.T[rows.cuda()]), f"{dtype} M={len(rows)}"
+    ws = quantize_int4((torch.randn(64, 256) * 0.05).float(), 64).to("cuda")  # fp32 scales
+    xs = _x(100, 256, torch.bfloat16, "cuda")
+    assert_close(deepkern.int4_matmul(xs, ws, backend="cuda"), _ref(xs, ws), torch.bfloat16)
+    w = _weight(512, 4096, 128, device="cuda")
+    x = _x(70, 4097, torch.float16, "cuda")[:, 1:]  # rows not 16-byte aligned
+    assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"), deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))
+    assert_close(deepkern.int4_matmul(x, w, backend="cuda"), _ref(x, w), torch.float16)
+    x = _x(64, 4096, torch.bfloat16, "cuda")
+    deepkern.int4_matmul(x, w, backend="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = deepkern.int4_matmul(x, w, backend="cuda")
+    x.copy_(_x(64, 4096, torch.bfloat16, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, _ref(x, w), torch.bfloat16)
+
+
+@pytest.mark.cuda
 def test_cuda_refusals_and_auto():
-    w = _weight(24, 128, 32, device="cuda")
-    with pytest.raises(deepkern.BackendUnavailableError, match="at most 16 rows"):
-        deepkern.int4_matmul(_x(17, 128, torch.float16, "cuda"), w, backend="cuda")
     w100 = _weight(24, 100, -1, device="cuda")
     with pytest.raises(deepkern.BackendUnavailableError, match="multiples of 32"):
         deepkern.int4_matmul(_x(1, 100, torch.float16, "cuda"), w100, backend="cuda")
-    # auto still serves those shapes (Triton)
-    x17, x100 = _x(17, 128, torch.float16, "cuda"), _x(1, 100, torch.float16, "cuda")
-    assert_close(deepkern.int4_matmul(x17, w), _ref(x17, w), torch.float16)
+    # auto still serves that shape (Triton)
+    x100 = _x(1, 100, torch.float16, "cuda")
     assert_close(deepkern.int4_matmul(x100, w100), _ref(x100, w100), torch.float16)
 
 

@@ -1,6 +1,7 @@
 // deepkern::int4_matmul (CUDA): y [M, N] = x [M, K] @ W.T (+ bias), W 4-bit (layout v1 of
 // python/deepkern/quant/int4.py: packed int32 [N, K/8], code i of a word at bits 4i; scales
-// [G, N]; zeros uint8 [G, N] or none = 8), for small M (<= 16), read in place: no repack.
+// [G, N]; zeros uint8 [G, N] or none = 8), read in place: no repack. This file: the kernel
+// for M <= 16 (small_m_kernel) and the op entry; M > 16 runs the tile kernels of tile.cu.
 //
 // The weight streams through tensor cores with the roles swapped: mma.m16n8k16 takes 16
 // weight rows as A (from registers) and up to 8 rows of x as B, so M = 1..16 costs one or two
@@ -43,158 +44,14 @@
 
 #include "common/device.h"
 #include "common/vec.cuh"
+#include "int4_matmul/common.cuh"
 
 namespace deepkern {
 namespace int4mm {
 
+constexpr int kMaxSmallM = 16;  // small_m_kernel up to here (two n8 tiles), tile.cu beyond
 constexpr int kWarps = 4;               // a CTA: 4 warps x 16 weight rows = 64 rows of N
 constexpr int kRowsPerCta = 16 * kWarps;
-constexpr int kChunkK = 128;            // K per lane-quad step: 4 lanes x 32 codes
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<__half> {
-  using T2 = __half2;
-};
-template <>
-struct Traits<__nv_bfloat16> {
-  using T2 = __nv_bfloat162;
-};
-
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
-  uint32_t r;  // (a & mask) | magic in one LOP3
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
-// The mma's B operand pairs of an x chunk x0..x7 (4 words): (x0,x4) (x1,x5) for codes (0,4)
-// (1,5), then (x2,x6) (x3,x7). x staged in shared memory is stored in this order, so the
-// K step reads its operands directly (16 PRMTs per step fewer; the bench at 0ceafb0 reads
-// within 1% of before: the M <= 8 kernel is not issue-bound).
-__device__ __forceinline__ uint4 permute_x(const uint4& v) {
-  return make_uint4(prmt(v.x, v.z, 0x5410), prmt(v.x, v.z, 0x7632), prmt(v.y, v.w, 0x5410), prmt(v.y, v.w, 0x7632));
-}
-
-// 16 bytes of weight: not kept in L1 (read once), and the L2 fetches the whole 256-byte
-// block, so the lane quad's next loads along the row (64 bytes further each) hit in L2.
-__device__ __forceinline__ uint4 load_weight(const uint4* ptr) {
-  uint4 v;
-  asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
-template <typename T2>
-__device__ __forceinline__ uint32_t as_u32(T2 v) {
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <typename T2>
-__device__ __forceinline__ T2 as_t2(uint32_t v) {
-  return *reinterpret_cast<T2*>(&v);
-}
-
-template <typename T, typename S>
-__device__ __forceinline__ T to_x_dtype(S s) {
-  if constexpr (std::is_same_v<T, S>)
-    return s;
-  else
-    return from_float<T>(to_float(s));
-}
-
-// Per (row, 32-code chunk) constants of the unpacking: scale pair and zero offsets.
-template <typename T>
-struct Dequant {
-  using T2 = typename Traits<T>::T2;
-  T2 s2;    // (s, s)
-  T2 z0;    // fp16: 1024 + z ; bf16: 128 + z   (subtracted from magic + q)
-  T2 nz16;  // fp16 only: -(64 + z)             (added to (1024 + 16 q) / 16)
-
-  // z in 0..15. The offsets are built from their bit patterns: 1024 + z is 0x6400 | z in
-  // fp16 (spacing 1 in [1024, 2048)), -(64 + z) is 0xD400 | z << 4 (spacing 1/16 in
-  // [64, 128)), and 128 + z is 0x4300 | z in bf16.
-  __device__ __forceinline__ void init(T s, uint32_t z) {
-    if constexpr (std::is_same_v<T, __half>) {
-      s2 = __half2half2(s);
-      z0 = as_t2<T2>((0x6400u | z) * 0x10001u);
-      nz16 = as_t2<T2>((0xD400u | (z << 4)) * 0x10001u);
-    } else {
-      s2 = __bfloat162bfloat162(s);
-      z0 = as_t2<T2>((0x4300u | z) * 0x10001u);
-    }
-  }
-
-  // The 8 codes of word w as 4 pairs: out[0] = codes (0,4), [1] = (1,5), [2] = (2,6), [3] = (3,7).
-  __device__ __forceinline__ void word(uint32_t w, uint32_t out[4]) const {
-    if constexpr (std::is_same_v<T, __half>) {
-      const T2 inv16 = __float2half2_rn(0.0625f);
-      const uint32_t w8 = w >> 8;
-      T2 h0 = __hsub2(as_t2<T2>(lop3_and_or(w, 0x000F000Fu, 0x64006400u)), z0);
-      T2 h1 = __hfma2(as_t2<T2>(lop3_and_or(w, 0x00F000F0u, 0x64006400u)), inv16, nz16);
-      T2 h2 = __hsub2(as_t2<T2>(lop3_and_or(w8, 0x000F000Fu, 0x64006400u)), z0);
-      T2 h3 = __hfma2(as_t2<T2>(lop3_and_or(w8, 0x00F000F0u, 0x64006400u)), inv16, nz16);
-      out[0] = as_u32(__hmul2(h0, s2));
-      out[1] = as_u32(__hmul2(h1, s2));
-      out[2] = as_u32(__hmul2(h2, s2));
-      out[3] = as_u32(__hmul2(h3, s2));
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const T2 h = __hsub2(as_t2<T2>(lop3_and_or(w >> (4 * i), 0x000F000Fu, 0x43004300u)), z0);
-        out[i] = as_u32(__hmul2(h, s2));
-      }
-    }
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-struct Params {
-  const void* x;
-  int64_t x_stride;  // elements; multiple of 8, base 16-byte aligned
-  const int32_t* packed;
-  const void* scales;    // S (half, bf16 or fp32), rounded to x's dtype in the kernel
-  const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
-  const void* bias;      // nullptr, x's dtype or fp32
-  bool bias_fp32;
-  void* out;    // [M, N] x's dtype, written when splits == 1
-  float* part;  // [splits, M, N] fp32 otherwise
-  int* counters;  // per CTA column when the last CTA of a column sums the splits; else null
-  int splits;
-  int m, n, k, kw, group;
-  int group_shift;  // log2(group), or -1 when the group is all of K (channelwise)
-  int k_per_split;  // multiple of kChunkK
-  int xs_stride;    // elements between x rows in shared memory: k_per_split + 8 (a 16-byte
-                    // pad, so the 8 rows read by one LDS.128 phase sit in different banks)
-};
-
-template <typename T>
-__device__ __forceinline__ float load_bias(const Params& p, int n) {
-  return p.bias_fp32 ? static_cast<const float*>(p.bias)[n]
-                     : to_float(static_cast<const T*>(p.bias)[n]);
-}
 
 // One U x 128-wide K batch of a lane's weights and per-chunk constants, loaded ahead of use.
 template <typename S, int U>
@@ -355,17 +212,6 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
   if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
 }
 
-template <typename T>
-__global__ void sum_splits_kernel(const Params p, int splits) {
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += p.part[s * mn + i];  // fixed order
-    if (p.bias != nullptr) v += load_bias<T>(p, static_cast<int>(i % p.n));
-    static_cast<T*>(p.out)[i] = from_float<T>(v);
-  }
-}
 
 // x of a split is staged in shared memory: at most kMaxXSmem bytes per CTA, so that the
 // 3-4 CTAs per SM of the register budget also fit (M=16: <= 11 K steps per split), and
@@ -464,7 +310,6 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
               "int4_matmul (cuda): x must be float16 or bfloat16, got ", x_in.scalar_type());
   const int64_t m = x_in.size(0), k = x_in.size(1), n = packed.size(0);
-  TORCH_CHECK(m <= 16, "int4_matmul (cuda): this kernel takes M <= 16 rows, got ", m);
   TORCH_CHECK(k % 32 == 0 && k > 0 && k <= INT32_MAX, "int4_matmul (cuda): K must be a multiple of 32, got ", k);
   TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(1) == k / 8 &&
                   packed.is_contiguous() && packed.device() == x_in.device(),
@@ -495,20 +340,39 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   at::Tensor x = x_in;
   if (!aligned(x)) x = x_in.contiguous();  // a fresh, aligned copy unless x_in was contiguous
   if (!aligned(x)) x = x_in.clone(at::MemoryFormat::Contiguous);  // contiguous view at an odd offset
-  // Scales of another dtype are rounded to x's in the kernel (no per-call conversion copy);
+  // Scales of another dtype are rounded to x's (M <= 16: in the kernel, no per-call copy);
   // with scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
   TORCH_CHECK(scales_in.scalar_type() == at::kHalf || scales_in.scalar_type() == at::kBFloat16 ||
                   scales_in.scalar_type() == at::kFloat,
               "int4_matmul: scales must be float16, bfloat16 or float32");
-  const at::Tensor scales = scales_in.contiguous();
 
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
-  const int slots = kCtasPerSm * num_sms(x.get_device());
-  const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
-  const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
-  const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
-  const int splits = (k_steps + per_split - 1) / per_split;
+  const int device = x.get_device();
+  const bool small = m <= kMaxSmallM;
+  // M > 16: the tile kernels read scales in x's dtype (a [K/group, N] conversion otherwise).
+  const at::Tensor scales = small || scales_in.scalar_type() == x.scalar_type()
+                                ? scales_in.contiguous()
+                                : scales_in.to(x.scalar_type()).contiguous();
+  int splits = 1, k_per_split = 0, counters = 0;
+  TilePlan plan;
+  if (small) {
+    const int slots = kCtasPerSm * num_sms(device);
+    const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
+    const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
+    const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
+    splits = (k_steps + per_split - 1) / per_split;
+    k_per_split = per_split * kChunkK;
+    counters = static_cast<int>((n + kRowsPerCta - 1) / kRowsPerCta);
+  } else {
+    TORCH_CHECK(m <= INT32_MAX, "int4_matmul (cuda): too many rows of x: ", m);
+    plan = plan_tile(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), device);
+    TORCH_CHECK(plan.ctas_m <= 65535 && plan.splits <= 65535, "int4_matmul (cuda): M=", m, " needs a grid of ",
+                plan.ctas_m, " x ", plan.splits, " CTAs (at most 65535 each)");
+    splits = plan.splits;
+    k_per_split = plan.k_per_split;
+    counters = plan.ctas_n * plan.ctas_m;
+  }
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
 
@@ -528,20 +392,23 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.kw = static_cast<int>(k / 8);
   p.group = static_cast<int>(group);
   p.group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
-  p.k_per_split = per_split * kChunkK;
+  p.k_per_split = k_per_split;
   p.xs_stride = p.k_per_split + 8;
   p.splits = splits;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int ctas_n = static_cast<int>((n + kRowsPerCta - 1) / kRowsPerCta);
-  if (splits > 1) p.counters = split_counters(x.get_device(), stream, ctas_n);
+  if (splits > 1) p.counters = split_counters(device, stream, counters);
 
   auto run = [&](auto t) {
     using T = decltype(t);
-    switch (scales.scalar_type()) {
-      case at::kHalf: launch_all<T, __half>(p, splits, stream); break;
-      case at::kBFloat16: launch_all<T, __nv_bfloat16>(p, splits, stream); break;
-      default: launch_all<T, float>(p, splits, stream); break;
+    if (!small) {
+      launch_tile<T>(p, plan, stream, device);
+    } else {
+      switch (scales.scalar_type()) {
+        case at::kHalf: launch_all<T, __half>(p, splits, stream); break;
+        case at::kBFloat16: launch_all<T, __nv_bfloat16>(p, splits, stream); break;
+        default: launch_all<T, float>(p, splits, stream); break;
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1 && p.counters == nullptr) {

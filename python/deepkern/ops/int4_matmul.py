@@ -3,8 +3,9 @@ registers inside the matmul.
 
 Public function -> validation -> backend choice -> one of
     torch.ops.deepkern_triton.int4_matmul / _bwd   (Triton, triton_kernels/int4_matmul.py)
-    torch.ops.deepkern.int4_matmul                 (CUDA, csrc/int4_matmul/; M <= 16, K % 32 == 0;
-                                                    its backward is the Triton dx kernel)
+    torch.ops.deepkern.int4_matmul                 (CUDA, csrc/int4_matmul/; K % 32 == 0; M <= 16
+                                                    small_m_kernel, larger M tile_kernel; its
+                                                    backward is the Triton dx kernel)
     deepkern.reference.int4_matmul_ref             (torch; the only backend for fp32 x)
 
 The custom ops take the Int4Weight's tensors, not the object:
@@ -143,7 +144,10 @@ def _check(who, x, packed, scales, n, k, bias):
             raise TypeError(f"{who}: bias.dtype must be x's dtype ({x.dtype}) or float32, got {bias.dtype}")
 
 
-CUDA_MAX_M = 16  # the CUDA kernel's batch tile (two mma n8 tiles); larger M runs on Triton
+# auto: the CUDA kernels up to this M, Triton beyond. H100, (K, N) = (8192, 8192) /
+# (8192, 28672), fp16, us (.dev/i4_tile.py, CUDA graphs): M=17 CUDA 41.8 / 125.6 vs Triton
+# 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5.
+CUDA_FIRST_MAX_M = 32
 
 
 def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096,
@@ -152,8 +156,6 @@ def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096
     if reasons["cuda"] is None:
         if dtype not in _KERNEL_DTYPES:
             reasons["cuda"] = f"x.dtype is {dtype}; the CUDA kernel takes float16/bfloat16 activations"
-        elif m > CUDA_MAX_M:
-            reasons["cuda"] = f"the CUDA kernel takes at most {CUDA_MAX_M} rows of x (M={m}); larger M runs on Triton"
         elif k % 32 or group % 32:
             reasons["cuda"] = f"the CUDA kernel needs K and the group size to be multiples of 32 (K={k}, group={group})"
     if reasons["triton"] is None:
@@ -167,9 +169,10 @@ def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096
     return reasons
 
 
-def _auto_order() -> tuple[str, ...]:
-    # The CUDA kernel covers M <= 16 (see _reasons); where it runs it goes first.
-    return ("cuda", "triton", "torch")
+def _auto_order(m: int) -> tuple[str, ...]:
+    if m <= CUDA_FIRST_MAX_M:
+        return ("cuda", "triton", "torch")
+    return ("triton", "cuda", "torch")
 
 
 def _availability(device: torch.device) -> dict[str, str | None]:
@@ -188,7 +191,7 @@ def int4_matmul_parts(
     _check(who, x, packed, scales, n, k, bias)
     m = x.numel() // k
     group = effective_group_size(group_size, k)
-    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order())
+    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order(m))
     if choice == "torch":
         return int4_matmul_ref_parts(x, packed, scales, zeros, k, group_size, bias)
     op = torch.ops.deepkern.int4_matmul if choice == "cuda" else torch.ops.deepkern_triton.int4_matmul
