@@ -10,14 +10,23 @@ import triton.language as tl
 from deepkern._backend import on_device
 
 from ._launch import launch
-from .layernorm_gelu_common import LOOP_BLOCK, _gelu_grad, _num_programs_per_device, _shared_memory
+from .layernorm_gelu_common import _gelu_grad, _num_programs_per_device, _shared_memory
 
 # Backward in registers: one row block up to MAX_ONE_BLOCK_BWD (above, it spills: x, dy, w, b,
 # dw, db per element; H100 8192x12288 bf16 as one 16384 block 1851 us, the two-kernel path
 # wins); two chunks up to MAX_ROW_BLOCK_BWD together (12288 = 8192 + 4096).
 MAX_ONE_BLOCK_BWD = 8192
 MAX_ROW_BLOCK_BWD = 16384
-TILE_COLS = 1024  # column tile of the looped backward
+# The looped backward (rows past MAX_ROW_BLOCK_BWD): a statistics kernel (one program per
+# row, STATS_BLOCK columns per step, STATS_WARPS warps: 4 elements per thread) and the tiles
+# kernel (TILE_COLS columns x a group of rows per program, TILE_WARPS warps). H100 bf16,
+# backward alone, (stats block x warps, tile warps) = (4096 x 8, 4) before / (1024 x 8, 8):
+# 4096x65536 1187 / 1008 us, 2048x131072 1183 / 1017, 8192x20000 783 / 666
+# (.dev/ln_bwd_cfg.py; 2048 x 16 and 512 x 4 within 1%, 1024 x 16 7% slower).
+TILE_COLS = 1024
+TILE_WARPS = 8
+STATS_BLOCK = 1024
+STATS_WARPS = 8
 
 
 @triton.jit
@@ -331,8 +340,8 @@ def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dic
         launch(_bwd_row_stats_kernel, (rows,),
                (dy, x, w, b, mean, rstd, c1, c2, n, dy.stride(0), x.stride(0), 1.0 / n),
                dict(HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], TANH=tanh, WIDE=flags["WIDE"],
-                    FAST=flags["FAST"], BLOCK_N=config.get("block", LOOP_BLOCK)),
-               num_warps=config.get("num_warps", 8))
+                    FAST=flags["FAST"], BLOCK_N=config.get("block", STATS_BLOCK)),
+               num_warps=config.get("num_warps", STATS_WARPS))
         tile_cols = config.get("tile_cols", TILE_COLS)
         col_tiles = triton.cdiv(n, tile_cols)
         groups = max(1, min(rows, 4 * _num_programs_per_device(x.device) // col_tiles))
@@ -342,7 +351,7 @@ def _bwd(dy, x, weight, bias, mean, rstd, rmsnorm: bool, tanh: bool, config: dic
         launch(_bwd_tiles_kernel, (col_tiles, groups),
                (dy, x, w, b, mean, rstd, c1, c2, dx, dwp, dbp,
                 rows, n, dy.stride(0), x.stride(0), rows_per_group),
-               dict(flags, BLOCK_N=tile_cols), num_warps=config.get("tile_warps", 4))
+               dict(flags, BLOCK_N=tile_cols), num_warps=config.get("tile_warps", TILE_WARPS))
     dw = torch.empty_like(weight) if weight is not None else empty()
     db = torch.empty_like(bias) if bias is not None else empty()
     if weight is not None or bias is not None:

@@ -9,8 +9,6 @@ import triton.language as tl
 
 from ._device import cuda_facts
 
-LOOP_BLOCK = 4096  # chunk of the looped kernels (forward loop, backward statistics)
-
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
