@@ -439,11 +439,19 @@ def test_cuda_split_k(monkeypatch, splits, batch):
     monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
     monkeypatch.setenv("DEEPKERN_INT4_BATCH", batch)
     for dtype in (torch.float16, torch.bfloat16):
-        _check(5, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
-        w = _weight(64, 1024, 128, device="cuda")
-        x = _x(3, 1024, dtype, "cuda")
-        b = torch.randn(64, device="cuda")  # fp32 bias
-        assert_close(deepkern.int4_matmul(x, w, b, backend="cuda"), _ref(x, w, b), dtype)
+        _check_cuda_splits(5, 3, dtype)
+
+
+def _check_cuda_splits(m_ragged, m, dtype):
+    """The CUDA kernels under a forced split count: ragged N and K with an x-dtype bias, then
+    an fp32 bias; the same bits on a second call."""
+    _check(m_ragged, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
+    w = _weight(64, 1024, 128, device="cuda")
+    x = _x(m, 1024, dtype, "cuda")
+    b = torch.randn(64, device="cuda")  # fp32 bias
+    y = deepkern.int4_matmul(x, w, b, backend="cuda")
+    assert_close(y, _ref(x, w, b), dtype)
+    assert torch.equal(y, deepkern.int4_matmul(x, w, b, backend="cuda"))  # deterministic
 
 
 @pytest.mark.cuda
@@ -507,20 +515,13 @@ def test_cuda_tile_split_k(monkeypatch, splits):
     for tile in ("0", "1"):
         monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
         for dtype in (torch.float16, torch.bfloat16):
-            _check(40, 300, 4224, 64, dtype=dtype, device="cuda", backend="cuda", bias=True)
-            w = _weight(64, 1024, 128, device="cuda")
-            x = _x(130, 1024, dtype, "cuda")
-            b = torch.randn(64, device="cuda")  # fp32 bias
-            assert_close(deepkern.int4_matmul(x, w, b, backend="cuda"), _ref(x, w, b), dtype)
-            y = deepkern.int4_matmul(x, w, b, backend="cuda")
-            assert torch.equal(y, deepkern.int4_matmul(x, w, b, backend="cuda"))  # deterministic
+            _check_cuda_splits(40, 130, dtype)
 
 
 @pytest.mark.cuda
 def test_cuda_tile_exact_and_layouts():
     """Identity rows of x read the dense weight back bit for bit through every tile; scales
-    in another dtype (converted to x's), unaligned rows, a CUDA graph (split-K summed by
-    the second kernel)."""
+    in another dtype (converted to x's), unaligned rows."""
     for dtype in (torch.float16, torch.bfloat16):
         w = _weight(300, 512, 32, device="cuda", dtype=dtype)
         dense = w.dequantize(dtype)
@@ -535,16 +536,6 @@ def test_cuda_tile_exact_and_layouts():
     x = _x(70, 4097, torch.float16, "cuda")[:, 1:]  # rows not 16-byte aligned
     assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"), deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))
     assert_close(deepkern.int4_matmul(x, w, backend="cuda"), _ref(x, w), torch.float16)
-    x = _x(64, 4096, torch.bfloat16, "cuda")
-    deepkern.int4_matmul(x, w, backend="cuda")
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = deepkern.int4_matmul(x, w, backend="cuda")
-    x.copy_(_x(64, 4096, torch.bfloat16, "cuda"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_close(y, _ref(x, w), torch.bfloat16)
 
 
 @pytest.mark.cuda
@@ -558,15 +549,18 @@ def test_cuda_refusals_and_auto():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_and_compile():
+@pytest.mark.parametrize("m", [4, 64])
+def test_cuda_graph_and_compile(m):
+    """Both kernels (M=4: small-M, M=64: tile) captured in a CUDA graph (split-K then summed
+    by the second kernel) and under torch.compile."""
     w = _weight(2048, 4096, 128, device="cuda")
-    x = _x(4, 4096, torch.bfloat16, "cuda")
+    x = _x(m, 4096, torch.bfloat16, "cuda")
     deepkern.int4_matmul(x, w, backend="cuda")
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = deepkern.int4_matmul(x, w, backend="cuda")
-    x.copy_(_x(4, 4096, torch.bfloat16, "cuda"))
+    x.copy_(_x(m, 4096, torch.bfloat16, "cuda"))
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y, _ref(x, w), torch.bfloat16)
