@@ -11,7 +11,7 @@ from conftest import KERNEL_DEVICES, needs_interpreter
 from helpers import assert_close
 
 import deepkern
-from deepkern.quant import quantize_int4
+from deepkern.quant import Int4Weight, quantize_int4
 from deepkern.reference import int4_matmul_ref
 from deepkern.triton_kernels import int4_matmul as kernels
 from deepkern.triton_kernels.int4_matmul import Config, config_override
@@ -532,6 +532,17 @@ def test_cuda_tile_exact_and_layouts():
     ws = quantize_int4((torch.randn(64, 256) * 0.05).float(), 64).to("cuda")  # fp32 scales
     xs = _x(100, 256, torch.bfloat16, "cuda")
     assert_close(deepkern.int4_matmul(xs, ws, backend="cuda"), _ref(xs, ws), torch.bfloat16)
+    # Scales in another dtype are rounded to x's inside both kernels: the same bits as with
+    # the scales converted beforehand.
+    for x_dtype, s_dtype in ((torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                             (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
+        w = _weight(300, 512, 64, device="cuda")
+        w = Int4Weight(w.packed, w.scales.to(s_dtype), w.zeros, w.n, w.k, w.group_size)
+        w_x = Int4Weight(w.packed, w.scales.to(x_dtype), w.zeros, w.n, w.k, w.group_size)
+        for m in (5, 40, 130):
+            x = _x(m, 512, x_dtype, "cuda")
+            assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"),
+                               deepkern.int4_matmul(x, w_x, backend="cuda")), f"{x_dtype} {s_dtype} M={m}"
     w = _weight(512, 4096, 128, device="cuda")
     x = _x(70, 4097, torch.float16, "cuda")[:, 1:]  # rows not 16-byte aligned
     assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"), deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))

@@ -340,8 +340,8 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   at::Tensor x = x_in;
   if (!aligned(x)) x = x_in.contiguous();  // a fresh, aligned copy unless x_in was contiguous
   if (!aligned(x)) x = x_in.clone(at::MemoryFormat::Contiguous);  // contiguous view at an odd offset
-  // Scales of another dtype are rounded to x's (M <= 16: in the kernel, no per-call copy);
-  // with scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
+  // Scales of another dtype are rounded to x's in the kernels (no per-call copy); with
+  // scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
   TORCH_CHECK(scales_in.scalar_type() == at::kHalf || scales_in.scalar_type() == at::kBFloat16 ||
                   scales_in.scalar_type() == at::kFloat,
               "int4_matmul: scales must be float16, bfloat16 or float32");
@@ -350,10 +350,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   if (m == 0) return out;
   const int device = x.get_device();
   const bool small = m <= kMaxSmallM;
-  // M > 16: the tile kernels read scales in x's dtype (a [K/group, N] conversion otherwise).
-  const at::Tensor scales = small || scales_in.scalar_type() == x.scalar_type()
-                                ? scales_in.contiguous()
-                                : scales_in.to(x.scalar_type()).contiguous();
+  const at::Tensor scales = scales_in.contiguous();
   int splits = 1, k_per_split = 0, counters = 0;
   TilePlan plan;
   if (small) {
@@ -381,6 +378,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.x_stride = x.stride(0);
   p.packed = packed.data_ptr<int32_t>();
   p.scales = scales.data_ptr();
+  p.scale_kind = scales.scalar_type() == x.scalar_type() ? 0 : scales.scalar_type() == at::kFloat ? 2 : 1;
   p.zeros = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.bias_fp32 = bias.has_value() && bias->scalar_type() == at::kFloat;

@@ -17,9 +17,10 @@
 // and g + 1 too, 256 bytes apart).
 //
 // Scales and zero points: each lane loads its 4 rows' values for its chunk one step ahead
-// into registers (L2 hits; 4 rows x (2 + 1) bytes per step). The scales must be in x's
-// dtype (the op entry converts others), so the fed weight is Int4Weight.dequantize(x.dtype)
-// bit for bit. Split-K: fp32 partials summed in split order by the last CTA of each tile (or
+// into registers (L2 hits; 4 rows x (2 + 1) bytes per step). Scales of another dtype are
+// rounded to x's there (a uniform branch on p.scale_kind), so the fed weight is
+// Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype, within one
+// rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed in split order by the last CTA of each tile (or
 // by sum_splits_kernel under graph capture), deterministic as in the small-M kernel.
 //
 // Speed (H100): faster than the Triton tiles only up to M ~ 32 (measurements above the tile
@@ -36,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "common/async_copy.cuh"
 #include "common/device.h"
@@ -75,6 +77,20 @@ constexpr int kTileConfigs = 2;
 // Position of 16-byte unit u (0..15) of x row r in its 256-byte shared-memory row.
 __device__ __forceinline__ int x_swizzle(int r, int u) { return u ^ (((u >> 3) & 1) << 1) ^ (r & 1); }
 
+// Bits of scale i as T (rounded to it once when the scales have another dtype).
+template <typename T>
+__device__ __forceinline__ uint32_t scale_bits(const Params& p, int64_t i) {
+  T v;
+  if (p.scale_kind == 0) return reinterpret_cast<const uint16_t*>(p.scales)[i];
+  if (p.scale_kind == 2)
+    v = from_float<T>(static_cast<const float*>(p.scales)[i]);
+  else if constexpr (std::is_same_v<T, __half>)
+    v = from_float<T>(to_float(static_cast<const __nv_bfloat16*>(p.scales)[i]));
+  else
+    v = from_float<T>(to_float(static_cast<const __half*>(p.scales)[i]));
+  return *reinterpret_cast<const uint16_t*>(&v);
+}
+
 template <typename T, bool HAS_ZEROS, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -86,7 +102,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
   const int k_end = min(p.k, k_begin + p.k_per_split);
   const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
   const T* x = static_cast<const T*>(p.x);
-  const T* scales = static_cast<const T*>(p.scales);
 
   auto load_stage = [&](int step) {
     uint8_t* xs = smem + (step % C::kStages) * C::kStageBytes;
@@ -126,7 +141,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
     for (int q = 0; q < 4; ++q) {
       const int n = n0 + row_w + 8 * q;
       const bool ok = valid && n < p.n;
-      sv[q] = ok ? reinterpret_cast<const uint16_t*>(scales)[gbase + n] : 0u;
+      sv[q] = ok ? scale_bits<T>(p, gbase + n) : 0u;
       z |= (HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u) << (8 * q);
     }
     return GroupConsts{{sv[0] | sv[1] << 16, sv[2] | sv[3] << 16}, z};
