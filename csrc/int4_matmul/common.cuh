@@ -142,7 +142,7 @@ struct Params {
   int64_t x_stride;  // elements; multiple of 8, base 16-byte aligned
   const int32_t* packed;
   const void* scales;    // S (half, bf16 or fp32), rounded to x's dtype in the kernel
-  int scale_kind;        // tile kernel: 0 = x's dtype, 1 = the other 16-bit type, 2 = fp32
+  int scale_kind;        // 0: x's dtype, 1: the other 16-bit type, 2: fp32
   const uint8_t* zeros;  // nullptr: symmetric (zero point 8)
   const void* bias;      // nullptr, x's dtype or fp32
   bool bias_fp32;

@@ -340,8 +340,8 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   at::Tensor x = x_in;
   if (!aligned(x)) x = x_in.contiguous();  // a fresh, aligned copy unless x_in was contiguous
   if (!aligned(x)) x = x_in.clone(at::MemoryFormat::Contiguous);  // contiguous view at an odd offset
-  // Scales of another dtype are rounded to x's in the kernels (no per-call copy); with
-  // scales in x's dtype the unpacked weight is exactly dequantize(x.dtype).
+  // Scales of another dtype are rounded to x's in the kernels; with scales in x's dtype the
+  // unpacked weight is exactly dequantize(x.dtype).
   TORCH_CHECK(scales_in.scalar_type() == at::kHalf || scales_in.scalar_type() == at::kBFloat16 ||
                   scales_in.scalar_type() == at::kFloat,
               "int4_matmul: scales must be float16, bfloat16 or float32");
@@ -350,7 +350,11 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   if (m == 0) return out;
   const int device = x.get_device();
   const bool small = m <= kMaxSmallM;
-  const at::Tensor scales = scales_in.contiguous();
+  // M > 16 with fp32 scales: rounded to x's dtype per call (the tile kernels are built for
+  // 16-bit scales only; quantize_int4 gives scales in the weight's 16-bit dtype).
+  const at::Tensor scales = small || scales_in.scalar_type() != at::kFloat
+                                ? scales_in.contiguous()
+                                : scales_in.to(x.scalar_type()).contiguous();
   int splits = 1, k_per_split = 0, counters = 0;
   TilePlan plan;
   if (small) {

@@ -17,8 +17,8 @@
 // and g + 1 too, 256 bytes apart).
 //
 // Scales and zero points: each lane loads its 4 rows' values for its chunk one step ahead
-// into registers (L2 hits; 4 rows x (2 + 1) bytes per step). Scales of another dtype are
-// rounded to x's there (a uniform branch on p.scale_kind), so the fed weight is
+// into registers (L2 hits; 4 rows x (2 + 1) bytes per step). Scales in the other 16-bit
+// dtype are rounded to x's there (fp32 ones by the op entry, per call), so the fed weight is
 // Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype, within one
 // rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed in split order by the last CTA of each tile (or
 // by sum_splits_kernel under graph capture), deterministic as in the small-M kernel.
@@ -77,21 +77,18 @@ constexpr int kTileConfigs = 2;
 // Position of 16-byte unit u (0..15) of x row r in its 256-byte shared-memory row.
 __device__ __forceinline__ int x_swizzle(int r, int u) { return u ^ (((u >> 3) & 1) << 1) ^ (r & 1); }
 
-// Bits of scale i as T (rounded to it once when the scales have another dtype).
-template <typename T>
+// Bits of scale i as T: the raw bits when S is T, else rounded to T once. (A runtime branch
+// on the scale dtype here instead of the template parameter made the fp16 kernels 7-28%
+// slower at M = 64-4096: 8192x8192 M=1024 623 vs 488 us.)
+template <typename T, typename S>
 __device__ __forceinline__ uint32_t scale_bits(const Params& p, int64_t i) {
-  T v;
-  if (p.scale_kind == 0) return reinterpret_cast<const uint16_t*>(p.scales)[i];
-  if (p.scale_kind == 2)
-    v = from_float<T>(static_cast<const float*>(p.scales)[i]);
-  else if constexpr (std::is_same_v<T, __half>)
-    v = from_float<T>(to_float(static_cast<const __nv_bfloat16*>(p.scales)[i]));
-  else
-    v = from_float<T>(to_float(static_cast<const __half*>(p.scales)[i]));
-  return *reinterpret_cast<const uint16_t*>(&v);
+  const S v = static_cast<const S*>(p.scales)[i];
+  const T t = to_x_dtype<T>(v);
+  return *reinterpret_cast<const uint16_t*>(&t);
 }
 
-template <typename T, bool HAS_ZEROS, class C>
+// S: the scales' dtype, x's or the other 16-bit one (the op entry rounds fp32 scales first).
+template <typename T, typename S, bool HAS_ZEROS, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -141,7 +138,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
     for (int q = 0; q < 4; ++q) {
       const int n = n0 + row_w + 8 * q;
       const bool ok = valid && n < p.n;
-      sv[q] = ok ? scale_bits<T>(p, gbase + n) : 0u;
+      sv[q] = ok ? scale_bits<T, S>(p, gbase + n) : 0u;
       z |= (HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u) << (8 * q);
     }
     return GroupConsts{{sv[0] | sv[1] << 16, sv[2] | sv[3] << 16}, z};
@@ -256,9 +253,9 @@ constexpr ConfigFacts kFacts[kTileConfigs] = {
     {Tile1::kBN, Tile1::kBM, Tile1::kMinCtas},
 };
 
-template <typename T, bool HAS_ZEROS, class C>
+template <typename T, typename S, bool HAS_ZEROS, class C>
 void launch_config(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  auto kernel = tile_kernel<T, HAS_ZEROS, C>;
+  auto kernel = tile_kernel<T, S, HAS_ZEROS, C>;
   // Opt this kernel into its shared memory once per device (the attribute is per kernel and
   // device; the flags are per instantiation of this function, i.e. per kernel).
   static std::array<std::atomic<bool>, 64> prepared{};
@@ -271,12 +268,20 @@ void launch_config(const Params& p, const TilePlan& plan, cudaStream_t stream, i
   kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
 }
 
-template <typename T, bool HAS_ZEROS>
+template <typename T, typename S, bool HAS_ZEROS>
 void launch_zeros(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   if (plan.config == 0)
-    launch_config<T, HAS_ZEROS, Tile0>(p, plan, stream, device);
+    launch_config<T, S, HAS_ZEROS, Tile0>(p, plan, stream, device);
   else
-    launch_config<T, HAS_ZEROS, Tile1>(p, plan, stream, device);
+    launch_config<T, S, HAS_ZEROS, Tile1>(p, plan, stream, device);
+}
+
+template <typename T, typename S>
+void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  if (p.zeros != nullptr)
+    launch_zeros<T, S, true>(p, plan, stream, device);
+  else
+    launch_zeros<T, S, false>(p, plan, stream, device);
 }
 
 }  // namespace
@@ -314,10 +319,12 @@ TilePlan plan_tile(int m, int n, int k, int device) {
 
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  if (p.zeros != nullptr)
-    launch_zeros<T, true>(p, plan, stream, device);
+  using Other = std::conditional_t<std::is_same_v<T, __half>, __nv_bfloat16, __half>;
+  TORCH_CHECK(p.scale_kind == 0 || p.scale_kind == 1, "int4_matmul (cuda): tile kernels take 16-bit scales");
+  if (p.scale_kind == 0)
+    launch_scales<T, T>(p, plan, stream, device);
   else
-    launch_zeros<T, false>(p, plan, stream, device);
+    launch_scales<T, Other>(p, plan, stream, device);
 }
 
 template void launch_tile<__half>(const Params&, const TilePlan&, cudaStream_t, int);
