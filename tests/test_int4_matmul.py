@@ -495,11 +495,12 @@ def test_cuda_backward(m, n, k, group_size):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tile", ["0", "1"])
+@pytest.mark.parametrize("tile", ["0", "1", "2"])
 @pytest.mark.parametrize("m", [17, 65, 300])
 def test_cuda_tile_forward(monkeypatch, dtype, tile, m):
-    """The tile kernels (M > 16), each CTA tile forced (256 x 32 / 256 x 128): x rows not a
-    multiple of the tile, ragged N (13, 77, 100, 300: partial warps and CTAs), K not a
+    """The kernels for M > 16, each forced (mma.sync tiles 256 x 32 / 256 x 128; 2: the
+    Hopper wgmma kernel, for groups >= 128 and channelwise, the others then on tile 1): x rows
+    not a multiple of the tile, ragged N (13, 77, 100, 300: partial warps and CTAs), K not a
     multiple of 128 (10944, 2080), every group size, symmetric and asymmetric, bias."""
     monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
     for n, k, group_size, symmetric in ((1024, 4096, 128, False), (13, 10944, 64, True), (300, 7392, 32, False),
@@ -512,7 +513,7 @@ def test_cuda_tile_forward(monkeypatch, dtype, tile, m):
 def test_cuda_tile_split_k(monkeypatch, splits):
     """One split, a ragged split count, one K step per split (fewer than the ring's stages)."""
     monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
-    for tile in ("0", "1"):
+    for tile in ("0", "1", "2"):
         monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
         for dtype in (torch.float16, torch.bfloat16):
             _check_cuda_splits(40, 130, dtype)
@@ -523,12 +524,13 @@ def test_cuda_tile_exact_and_layouts():
     """Identity rows of x read the dense weight back bit for bit through every tile; scales
     in another dtype (converted to x's), unaligned rows."""
     for dtype in (torch.float16, torch.bfloat16):
-        w = _weight(300, 512, 32, device="cuda", dtype=dtype)
-        dense = w.dequantize(dtype)
-        for rows in (torch.arange(512), torch.randperm(512)[:40]):
-            x = torch.eye(512, dtype=dtype, device="cuda")[rows.cuda()]
-            y = deepkern.int4_matmul(x, w, backend="cuda")
-            assert torch.equal(y, dense.T[rows.cuda()]), f"{dtype} M={len(rows)}"
+        for group_size in (32, 128, -1):  # 128 and channelwise: the wgmma kernel on Hopper
+            w = _weight(300, 512, group_size, device="cuda", dtype=dtype)
+            dense = w.dequantize(dtype)
+            for rows in (torch.arange(512), torch.randperm(512)[:40]):
+                x = torch.eye(512, dtype=dtype, device="cuda")[rows.cuda()]
+                y = deepkern.int4_matmul(x, w, backend="cuda")
+                assert torch.equal(y, dense.T[rows.cuda()]), f"{dtype} g={group_size} M={len(rows)}"
     ws = quantize_int4((torch.randn(64, 256) * 0.05).float(), 64).to("cuda")  # fp32 scales
     xs = _x(100, 256, torch.bfloat16, "cuda")
     assert_close(deepkern.int4_matmul(xs, ws, backend="cuda"), _ref(xs, ws), torch.bfloat16)
@@ -536,13 +538,14 @@ def test_cuda_tile_exact_and_layouts():
     # the scales converted beforehand.
     for x_dtype, s_dtype in ((torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
                              (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
-        w = _weight(300, 512, 64, device="cuda")
-        w = Int4Weight(w.packed, w.scales.to(s_dtype), w.zeros, w.n, w.k, w.group_size)
-        w_x = Int4Weight(w.packed, w.scales.to(x_dtype), w.zeros, w.n, w.k, w.group_size)
-        for m in (5, 40, 130):
-            x = _x(m, 512, x_dtype, "cuda")
-            assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"),
-                               deepkern.int4_matmul(x, w_x, backend="cuda")), f"{x_dtype} {s_dtype} M={m}"
+        for group_size in (64, 128):  # M=130: tile 1, or the wgmma kernel on Hopper
+            w = _weight(300, 512, group_size, device="cuda")
+            w = Int4Weight(w.packed, w.scales.to(s_dtype), w.zeros, w.n, w.k, w.group_size)
+            w_x = Int4Weight(w.packed, w.scales.to(x_dtype), w.zeros, w.n, w.k, w.group_size)
+            for m in (5, 40, 130):
+                x = _x(m, 512, x_dtype, "cuda")
+                assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"),
+                                   deepkern.int4_matmul(x, w_x, backend="cuda")), f"{x_dtype} {s_dtype} g={group_size} M={m}"
     w = _weight(512, 4096, 128, device="cuda")
     x = _x(70, 4097, torch.float16, "cuda")[:, 1:]  # rows not 16-byte aligned
     assert torch.equal(deepkern.int4_matmul(x, w, backend="cuda"), deepkern.int4_matmul(x.contiguous(), w, backend="cuda"))
@@ -560,10 +563,10 @@ def test_cuda_refusals_and_auto():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("m", [4, 64])
+@pytest.mark.parametrize("m", [4, 64, 256])
 def test_cuda_graph_and_compile(m):
-    """Both kernels (M=4: small-M, M=64: tile) captured in a CUDA graph (split-K then summed
-    by the second kernel) and under torch.compile."""
+    """The kernels (M=4: small-M, M=64: tile, M=256: wgmma on Hopper) captured in a CUDA graph
+    (split-K then summed by the second kernel) and under torch.compile."""
     w = _weight(2048, 4096, 128, device="cuda")
     x = _x(m, 4096, torch.bfloat16, "cuda")
     deepkern.int4_matmul(x, w, backend="cuda")

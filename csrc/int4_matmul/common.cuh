@@ -157,6 +157,15 @@ struct Params {
                     // pad, so the 8 rows read by one LDS.128 phase sit in different banks)
 };
 
+// Bits of scale i (of dtype S) as T: the raw bits when S is T, else rounded to T once. (A
+// runtime branch on the scale dtype in the tile kernel instead of this template parameter made
+// its fp16 case 7-28% slower at M = 64-4096: 8192x8192 M=1024 623 vs 488 us.)
+template <typename T, typename S>
+__device__ __forceinline__ uint32_t scale_bits(const Params& p, int64_t i) {
+  const T v = to_x_dtype<T>(static_cast<const S*>(p.scales)[i]);
+  return *reinterpret_cast<const uint16_t*>(&v);
+}
+
 template <typename T>
 __device__ __forceinline__ float load_bias(const Params& p, int n) {
   return p.bias_fp32 ? static_cast<const float*>(p.bias)[n]
@@ -181,17 +190,25 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
 // `stream` is capturing a CUDA graph.
 int* split_counters(int device, cudaStream_t stream, int count);
 
-// Tile kernels for M > 16 (tile.cu). plan_tile picks the CTA tile and the K splits;
-// launch_tile runs tile_kernel (scales in x's dtype; `p.part`/`p.counters` as the plan says).
+// Kernels for M > 16. plan_tile (tile.cu) picks the kernel, its CTA tile and the K splits;
+// launch_tile runs it (16-bit scales; `p.part`/`p.counters` as the plan says): tile_kernel
+// (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; config 2).
 struct TilePlan {
-  int config = 0;  // index into tile.cu's kTileConfigs
+  int config = 0;  // 0, 1: tile.cu's tiles; 2: wgmma_kernel
   int ctas_n = 0, ctas_m = 0;  // grid: weight-row tiles x x-row tiles x splits
   int splits = 1;
   int k_per_split = 0;  // multiple of kChunkK
 };
-TilePlan plan_tile(int m, int n, int k, int device);
+TilePlan plan_tile(int m, int n, int k, int group_shift, int device);
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device);
+
+// wgmma_kernel's tile (weight rows x x rows), whether it runs on `device` for this group
+// size (sm_90a build, Hopper, groups >= 128 or channelwise), and its launch.
+constexpr int kWgmmaBN = 128, kWgmmaBM = 128;
+bool wgmma_supported(int device, int group_shift);
+template <typename T>
+void launch_wgmma(const Params& p, const TilePlan& plan, cudaStream_t stream, int device);
 
 }  // namespace int4mm
 }  // namespace deepkern

@@ -367,7 +367,8 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
     counters = static_cast<int>((n + kRowsPerCta - 1) / kRowsPerCta);
   } else {
     TORCH_CHECK(m <= INT32_MAX, "int4_matmul (cuda): too many rows of x: ", m);
-    plan = plan_tile(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), device);
+    const int group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
+    plan = plan_tile(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), group_shift, device);
     TORCH_CHECK(plan.ctas_m <= 65535 && plan.splits <= 65535, "int4_matmul (cuda): M=", m, " needs a grid of ",
                 plan.ctas_m, " x ", plan.splits, " CTAs (at most 65535 each)");
     splits = plan.splits;

@@ -77,16 +77,6 @@ constexpr int kTileConfigs = 2;
 // Position of 16-byte unit u (0..15) of x row r in its 256-byte shared-memory row.
 __device__ __forceinline__ int x_swizzle(int r, int u) { return u ^ (((u >> 3) & 1) << 1) ^ (r & 1); }
 
-// Bits of scale i as T: the raw bits when S is T, else rounded to T once. (A runtime branch
-// on the scale dtype here instead of the template parameter made the fp16 kernels 7-28%
-// slower at M = 64-4096: 8192x8192 M=1024 623 vs 488 us.)
-template <typename T, typename S>
-__device__ __forceinline__ uint32_t scale_bits(const Params& p, int64_t i) {
-  const S v = static_cast<const S*>(p.scales)[i];
-  const T t = to_x_dtype<T>(v);
-  return *reinterpret_cast<const uint16_t*>(&t);
-}
-
 // S: the scales' dtype, x's or the other 16-bit one (the op entry rounds fp32 scales first).
 template <typename T, typename S, bool HAS_ZEROS, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Params p) {
@@ -248,9 +238,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
 struct ConfigFacts {
   int bn, bm, min_ctas;
 };
-constexpr ConfigFacts kFacts[kTileConfigs] = {
+constexpr ConfigFacts kFacts[kTileConfigs + 1] = {
     {Tile0::kBN, Tile0::kBM, Tile0::kMinCtas},
     {Tile1::kBN, Tile1::kBM, Tile1::kMinCtas},
+    {kWgmmaBN, kWgmmaBM, 1},  // wgmma_kernel (wgmma.cu)
 };
 
 template <typename T, typename S, bool HAS_ZEROS, class C>
@@ -286,13 +277,17 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 
 }  // namespace
 
-// Tile by M (DEEPKERN_INT4_TILE=0|1 overrides, sweeps); splits of K (DEEPKERN_INT4_SPLITS
+// Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2 overrides, sweeps; 2 = wgmma where supported); splits of K (DEEPKERN_INT4_SPLITS
 // overrides) only while the tiles alone leave resident CTA slots empty: a power of two whose
 // grid fills the slots most evenly, the fewest on ties, >= 4 K steps per split.
-TilePlan plan_tile(int m, int n, int k, int device) {
+TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
-  plan.config = m <= 64 ? 0 : 1;
-  if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) plan.config = std::clamp(std::atoi(env), 0, kTileConfigs - 1);
+  const bool wgmma = wgmma_supported(device, group_shift);
+  plan.config = m <= 64 ? 0 : wgmma ? 2 : 1;
+  if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
+    plan.config = std::clamp(std::atoi(env), 0, kTileConfigs);
+    if (plan.config == 2 && !wgmma) plan.config = 1;
+  }
   const ConfigFacts& f = kFacts[plan.config];
   plan.ctas_n = (n + f.bn - 1) / f.bn;
   plan.ctas_m = (m + f.bm - 1) / f.bm;
@@ -319,6 +314,10 @@ TilePlan plan_tile(int m, int n, int k, int device) {
 
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  if (plan.config == 2) {
+    launch_wgmma<T>(p, plan, stream, device);
+    return;
+  }
   using Other = std::conditional_t<std::is_same_v<T, __half>, __nv_bfloat16, __half>;
   TORCH_CHECK(p.scale_kind == 0 || p.scale_kind == 1, "int4_matmul (cuda): tile kernels take 16-bit scales");
   if (p.scale_kind == 0)

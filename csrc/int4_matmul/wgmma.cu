@@ -1,0 +1,341 @@
+// INT4 GEMM for large M on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
+// two warpgroups over 128 weight rows (64 each) x 128 rows of x, y^T tile = W tile @ x tile^T.
+//
+// The weight is wgmma's register operand (A). Per K step of 128, each lane reads its two
+// weight rows' 64 bytes from shared memory (80-byte rows: the 8 rows of an LDS.128 phase hit 8
+// different bank groups) and, per k16 slice, dequantizes byte t of words 2s and 2s + 1 (codes
+// 2t, 2t + 1 and 2t + 8, 2t + 9: the mma.m16n8k16 A fragment layout, which each warp of a
+// warpgroup supplies for its 16 rows): a PRMT puts byte t in both halves, one LOP3 makes
+// the halves 1024 + q and 1024 + 16 q (fp16; bf16: 128 + q from a PRMT of w and w >> 4), an
+// HFMA2 (HSUB2) leaves q - z exactly and an HMUL2 applies the scale once, so the fed weight is
+// Int4Weight.dequantize(x.dtype) bit for bit (scales in x's dtype; the other 16-bit dtype is
+// rounded to it first). x goes into shared memory in its natural layout (K-major, 128-byte
+// swizzle: 16-byte chunk c of row r at c ^ (r & 7)) by cp.async, 4 stages, and is wgmma's B
+// operand through a descriptor. Each wgmma is committed on its own and waited for one
+// behind (wait_group 1), so the next slice's dequantization overlaps it; A is double-buffered
+// and the previous buffer kept alive past the wait (the compiler does not know wgmma reads
+// its registers asynchronously).
+//
+// Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
+// Split-K and the epilogue as in tile.cu.
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/async_copy.cuh"
+#include "common/device.h"
+#include "common/vec.cuh"
+#include "int4_matmul/common.cuh"
+
+namespace deepkern {
+namespace int4mm {
+namespace {
+
+constexpr int kThreads = 256;             // two warpgroups
+constexpr int kStages = 4;
+constexpr int kXSlab = kWgmmaBM * 128;    // one 64-wide K slab of the x tile: 128-byte rows
+constexpr int kXBytes = 2 * kXSlab;
+constexpr int kWRow = 80;                 // bytes per weight row in shared memory (64 + pad)
+constexpr int kWBytes = kWgmmaBN * kWRow;
+constexpr int kStageBytes = kXBytes + kWBytes;  // a multiple of 1024 (swizzle atoms stay aligned)
+constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring to 1024 bytes
+static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of the swizzle");
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t desc_k128(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps registers allocated (and unchanged) up to this point.
+__device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
+  asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
+}
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64x128 fp32 per warpgroup] += A (registers) x B (descriptor).
+template <typename T>
+__device__ __forceinline__ void wgmma_128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  }
+#endif
+}
+
+// Byte t of a weight word (codes 2t, 2t + 1) as one A register (two x-dtype values), for one
+// row's scale and zero point.
+template <typename T>
+struct ByteDequant {
+  uint32_t add;  // fp16: (-(1024 + z), -(64 + z)) added; bf16: (128 + z, 128 + z) subtracted
+  uint32_t s2;   // (s, s)
+  __device__ __forceinline__ void init(uint32_t s_bits, uint32_t z) {
+    s2 = s_bits * 0x10001u;
+    if constexpr (std::is_same_v<T, __half>)
+      add = (0xE400u | z) | ((0xD400u | (z << 4)) << 16);
+    else
+      add = (0x4300u | z) * 0x10001u;
+  }
+  // sel: the PRMT selector of lane t (fp16: byte t everywhere; bf16: byte t of w, of w >> 4).
+  __device__ __forceinline__ uint32_t operator()(uint32_t w, uint32_t sel) const {
+    using T2 = typename Traits<T>::T2;
+    if constexpr (std::is_same_v<T, __half>) {
+      // halves 1024 + q_lo and 1024 + 16 q_hi; times (1, 1/16) plus the offsets: q - z exactly
+      const uint32_t v = lop3_and_or(prmt(w, w, sel), 0x00F0000Fu, 0x64006400u);
+      const T2 h = __hfma2(as_t2<T2>(v), as_t2<T2>(0x2C003C00u), as_t2<T2>(add));
+      return as_u32(__hmul2(h, as_t2<T2>(s2)));
+    } else {
+      const uint32_t v = lop3_and_or(prmt(w, w >> 4, sel), 0x000F000Fu, 0x43004300u);
+      const T2 h = __hsub2(as_t2<T2>(v), as_t2<T2>(add));
+      return as_u32(__hmul2(h, as_t2<T2>(s2)));
+    }
+  }
+};
+
+template <typename T, typename S, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * kWgmmaBM;
+  const int k_begin = blockIdx.z * p.k_per_split;
+  const int k_end = min(p.k, k_begin + p.k_per_split);
+  const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
+  const T* x = static_cast<const T*>(p.x);
+
+  auto load_stage = [&](int step) {
+    uint8_t* xs = smem + (step % kStages) * kStageBytes;
+    uint8_t* ws = xs + kXBytes;
+    const int kb = k_begin + step * kChunkK;
+#pragma unroll
+    for (int i = 0; i < kWgmmaBM * 16 / kThreads; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int r = e >> 4, ch = e & 15, k = kb + 8 * ch, m = m0 + r;
+      const bool ok = m < p.m && k < k_end;
+      cp_async<16>(xs + (ch >> 3) * kXSlab + r * 128 + (((ch & 7) ^ (r & 7)) << 4),
+                   ok ? x + static_cast<int64_t>(m) * p.x_stride + k : x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < kWgmmaBN * 4 / kThreads; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int r = e >> 2, u = e & 3, kc = kb + 32 * u, n = n0 + r;
+      const bool ok = n < p.n && kc < k_end;
+      cp_async<16>(ws + r * kWRow + 16 * u, ok ? p.packed + static_cast<int64_t>(n) * p.kw + kc / 8 : p.packed, ok);
+    }
+  };
+
+  // This lane's weight rows (within the CTA tile): row_a and row_a + 8 of its warp's 16.
+  const int row_a = 16 * warp + g;
+  // Scales (16-bit pairs) and zero points (bytes) of both rows, one step ahead.
+  auto load_consts = [&](int step, uint32_t& s, uint32_t& z) {
+    const int kb = k_begin + step * kChunkK;
+    const bool valid = step < steps;
+    const int64_t gbase = static_cast<int64_t>(valid && p.group_shift >= 0 ? kb >> p.group_shift : 0) * p.n;
+    s = 0;
+    z = 0;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int n = n0 + row_a + 8 * q;
+      const bool ok = valid && n < p.n;
+      s |= (ok ? scale_bits<T, S>(p, gbase + n) : 0u) << (16 * q);
+      z |= (HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u) << (8 * q);
+    }
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  uint32_t a[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+  const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
+
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < steps) load_stage(s);
+    cp_async_commit();
+  }
+  uint32_t s_next, z_next;
+  load_consts(0, s_next, z_next);
+
+  for (int step = 0; step < steps; ++step) {
+    // This step's copies have landed (own groups), are visible to wgmma, and everyone's are.
+    // The slot refilled below was read two steps ago: its wgmmas are complete (each step
+    // waits for all but the latest).
+    cp_async_wait<kStages - 3>();
+    fence_proxy_async();
+    __syncthreads();
+    if (step + kStages - 2 < steps) load_stage(step + kStages - 2);
+    cp_async_commit();
+    ByteDequant<T> da, db;
+    da.init(s_next & 0xFFFFu, z_next & 0xFFu);
+    db.init(s_next >> 16, (z_next >> 8) & 0xFFu);
+    load_consts(step + 1, s_next, z_next);
+
+    const uint8_t* xs = smem + (step % kStages) * kStageBytes;
+    const uint8_t* ws = xs + kXBytes;
+    const uint32_t x_addr = smem_u32(xs);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {  // words 4u .. 4u + 3 of both rows: k16 slices 2u, 2u + 1
+      const uint4 wa = *reinterpret_cast<const uint4*>(ws + row_a * kWRow + 16 * u);
+      const uint4 wb = *reinterpret_cast<const uint4*>(ws + (row_a + 8) * kWRow + 16 * u);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * u + h;  // k16 slice: codes 16 s .. 16 s + 15 = words 2 s, 2 s + 1
+        uint32_t(&ar)[4] = a[s & 1];
+        ar[0] = da(h ? wa.z : wa.x, sel);  // row a, k 2t, 2t + 1
+        ar[1] = db(h ? wb.z : wb.x, sel);  // row a + 8
+        ar[2] = da(h ? wa.w : wa.y, sel);  // row a, k 2t + 8, 2t + 9
+        ar[3] = db(h ? wb.w : wb.y, sel);
+        wgmma_fence();
+        wgmma_128<T>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
+        wgmma_commit();
+        wgmma_wait<1>();
+        keep(a[(s + 1) & 1]);  // the previous slice's operands were live until its wgmma ended
+      }
+    }
+  }
+  wgmma_wait<0>();
+  fence_acc(acc);
+  cp_async_wait<0>();
+
+  // acc[4 j + i]: weight row row_a (+ 8 for i >= 2), x row 8 j + 2 t + (i & 1).
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+#pragma unroll
+  for (int j = 0; j < kWgmmaBM / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = n0 + row_a + (i >= 2 ? 8 : 0);
+      const int m = m0 + 8 * j + 2 * t + (i & 1);
+      if (m >= p.m || row >= p.n) continue;
+      const int64_t o = static_cast<int64_t>(m) * p.n + row;
+      if (p.part != nullptr) {
+        p.part[blockIdx.z * mn + o] = acc[4 * j + i];
+      } else {
+        float v = acc[4 * j + i];
+        if (p.bias != nullptr) v += load_bias<T>(p, row);
+        static_cast<T*>(p.out)[o] = from_float<T>(v);
+      }
+    }
+  if (p.counters == nullptr) return;
+
+  // The last CTA of this tile to finish sums the splits' partials in split order.
+  __shared__ bool last;
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < kWgmmaBM * kWgmmaBN; e += kThreads) {
+    const int m = m0 + e / kWgmmaBN, row = n0 + e % kWgmmaBN;
+    if (m >= p.m || row >= p.n) continue;
+    const int64_t o = static_cast<int64_t>(m) * p.n + row;
+    float v = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
+    if (p.bias != nullptr) v += load_bias<T>(p, row);
+    static_cast<T*>(p.out)[o] = from_float<T>(v);
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;
+#else
+  __trap();  // the host launches this kernel only on sm_90a code
+#endif
+}
+
+template <typename T, typename S, bool HAS_ZEROS>
+void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  auto kernel = wgmma_kernel<T, S, HAS_ZEROS>;
+  static std::array<std::atomic<bool>, 64> prepared{};
+  std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
+  if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    if (flag != nullptr) flag->store(true, std::memory_order_release);
+  }
+  const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+}
+
+template <typename T, typename S>
+void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  if (p.zeros != nullptr)
+    launch_one<T, S, true>(p, plan, stream, device);
+  else
+    launch_one<T, S, false>(p, plan, stream, device);
+}
+
+}  // namespace
+
+bool wgmma_supported(int device, int group_shift) {
+#ifdef DEEPKERN_HAS_SM90A
+  return cc_major(device) == 9 && (group_shift < 0 || group_shift >= 7);
+#else
+  (void)device, (void)group_shift;
+  return false;
+#endif
+}
+
+template <typename T>
+void launch_wgmma(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  using Other = std::conditional_t<std::is_same_v<T, __half>, __nv_bfloat16, __half>;
+  TORCH_CHECK(p.scale_kind == 0 || p.scale_kind == 1, "int4_matmul (cuda): the wgmma kernel takes 16-bit scales");
+  if (p.scale_kind == 0)
+    launch_scales<T, T>(p, plan, stream, device);
+  else
+    launch_scales<T, Other>(p, plan, stream, device);
+}
+
+template void launch_wgmma<__half>(const Params&, const TilePlan&, cudaStream_t, int);
+template void launch_wgmma<__nv_bfloat16>(const Params&, const TilePlan&, cudaStream_t, int);
+
+}  // namespace int4mm
+}  // namespace deepkern
