@@ -11,10 +11,11 @@
 // Int4Weight.dequantize(x.dtype) bit for bit (scales in x's dtype; the other 16-bit dtype is
 // rounded to it first). x goes into shared memory in its natural layout (K-major, 128-byte
 // swizzle: 16-byte chunk c of row r at c ^ (r & 7)) by cp.async, 4 stages, and is wgmma's B
-// operand through a descriptor. Each wgmma is committed on its own and waited for one
-// behind (wait_group 1), so the next slice's dequantization overlaps it; A is double-buffered
-// and the previous buffer kept alive past the wait (the compiler does not know wgmma reads
-// its registers asynchronously).
+// operand through a descriptor. A K step's 8 wgmmas (one per k16 slice) form one commit
+// group, waited for one step behind (wait_group 1), so the next step's dequantization and
+// copies overlap them; the A operands of a step are double-buffered and the previous
+// buffer kept alive past the wait (the compiler does not know wgmma reads its registers
+// asynchronously).
 //
 // Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
 // Split-K and the epilogue as in tile.cu.
@@ -26,6 +27,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/async_copy.cuh"
@@ -82,6 +84,11 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Keeps registers allocated (and unchanged) up to this point.
 __device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
   asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
+}
+// Pins registers' values here: computed before this point, not after (the compiler would
+// otherwise sink a slice's dequantization between the wgmmas, and ptxas then serializes them).
+__device__ __forceinline__ void pin(uint32_t (&a)[4]) {
+  asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
 }
 __device__ __forceinline__ void fence_acc(float (&d)[64]) {
 #pragma unroll
@@ -141,8 +148,9 @@ struct ByteDequant {
   }
 };
 
-template <typename T, typename S, bool HAS_ZEROS>
+template <typename T, typename S, bool HAS_ZEROS, int DEPTH>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
+  static_assert(8 % DEPTH == 0, "a whole number of operand buffers per K step");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -196,7 +204,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  uint32_t a[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+  // A operands of the last DEPTH k16 slices: each slice's wgmma is its own commit group and
+  // the loop waits until at most DEPTH - 1 are in flight before dequantizing the next
+  // slice into the buffer of the one just retired.
+  uint32_t a[DEPTH][4];
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0u;
   const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
 
 #pragma unroll
@@ -209,8 +222,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
 
   for (int step = 0; step < steps; ++step) {
     // This step's copies have landed (own groups), are visible to wgmma, and everyone's are.
-    // The slot refilled below was read two steps ago: its wgmmas are complete (each step
-    // waits for all but the latest).
+    // The slot refilled below was read two steps ago: its wgmmas are complete (at most
+    // DEPTH - 1 <= 7 slices, all of the previous step, are in flight here).
     cp_async_wait<kStages - 3>();
     fence_proxy_async();
     __syncthreads();
@@ -231,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * u + h;  // k16 slice: codes 16 s .. 16 s + 15 = words 2 s, 2 s + 1
-        uint32_t(&ar)[4] = a[s & 1];
+        uint32_t(&ar)[4] = a[s % DEPTH];  // 8 % DEPTH == 0: the same buffer every step
         ar[0] = da(h ? wa.z : wa.x, sel);  // row a, k 2t, 2t + 1
         ar[1] = db(h ? wb.z : wb.x, sel);  // row a + 8
         ar[2] = da(h ? wa.w : wa.y, sel);  // row a, k 2t + 8, 2t + 9
@@ -239,8 +252,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
         wgmma_fence();
         wgmma_128<T>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
         wgmma_commit();
-        wgmma_wait<1>();
-        keep(a[(s + 1) & 1]);  // the previous slice's operands were live until its wgmma ended
+        wgmma_wait<DEPTH - 1>();
+        // The next slice's buffer held the operands of the wgmma just retired: live until here.
+        keep(a[(s + 1) % DEPTH]);
       }
     }
   }
@@ -292,9 +306,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
 #endif
 }
 
-template <typename T, typename S, bool HAS_ZEROS>
+template <typename T, typename S, bool HAS_ZEROS, int DEPTH>
 void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  auto kernel = wgmma_kernel<T, S, HAS_ZEROS>;
+  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, DEPTH>;
   static std::array<std::atomic<bool>, 64> prepared{};
   std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
   if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
@@ -305,12 +319,24 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
   kernel<<<grid, kThreads, kSmem, stream>>>(p);
 }
 
+template <typename T, typename S, bool HAS_ZEROS>
+void launch_depth(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  const char* env = std::getenv("DEEPKERN_INT4_WGMMA_DEPTH");  // sweeps
+  const int depth = env ? std::atoi(env) : 4;
+  if (depth == 2)
+    launch_one<T, S, HAS_ZEROS, 2>(p, plan, stream, device);
+  else if (depth == 8)
+    launch_one<T, S, HAS_ZEROS, 8>(p, plan, stream, device);
+  else
+    launch_one<T, S, HAS_ZEROS, 4>(p, plan, stream, device);
+}
+
 template <typename T, typename S>
 void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   if (p.zeros != nullptr)
-    launch_one<T, S, true>(p, plan, stream, device);
+    launch_depth<T, S, true>(p, plan, stream, device);
   else
-    launch_one<T, S, false>(p, plan, stream, device);
+    launch_depth<T, S, false>(p, plan, stream, device);
 }
 
 }  // namespace
