@@ -194,7 +194,7 @@ int* split_counters(int device, cudaStream_t stream, int count);
 // launch_tile runs it (16-bit scales; `p.part`/`p.counters` as the plan says): tile_kernel
 // (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; config 2).
 struct TilePlan {
-  int config = 0;  // 0, 1: tile.cu's tiles; 2: wgmma_kernel
+  int config = 0;  // 0, 1: tile.cu's tiles; 2, 3: wgmma_kernel with 128 / 256 x rows
   int ctas_n = 0, ctas_m = 0;  // grid: weight-row tiles x x-row tiles x splits
   int splits = 1;
   int k_per_split = 0;  // multiple of kChunkK
@@ -203,9 +203,10 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device);
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device);
 
-// wgmma_kernel's tile (weight rows x x rows), whether it runs on `device` for this group
-// size (sm_90a build, Hopper, groups >= 128 or channelwise), and its launch.
-constexpr int kWgmmaBN = 128, kWgmmaBM = 128;
+// wgmma_kernel's weight rows per CTA (x rows: 128 or 256 by the plan), whether it runs on
+// `device` for this group size (sm_90a build, Hopper, groups >= 128 or channelwise), and its launch.
+constexpr int kWgmmaBN = 128;
+constexpr int64_t kWgmmaMaxStride = int64_t{1} << 22;  // x row stride (elements) it takes
 bool wgmma_supported(int device, int group_shift);
 template <typename T>
 void launch_wgmma(const Params& p, const TilePlan& plan, cudaStream_t stream, int device);

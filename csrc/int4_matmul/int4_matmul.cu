@@ -334,8 +334,10 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
 
   const c10::cuda::CUDAGuard guard(x_in.device());
   // 16-byte loads of x rows: a unit-stride copy when the rows are not aligned (x is small).
+  // (Row strides of kWgmmaMaxStride or more, possible only for views, are copied too.)
   auto aligned = [](const at::Tensor& t) {
-    return t.stride(1) == 1 && t.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    return t.stride(1) == 1 && t.stride(0) % 8 == 0 && t.stride(0) < kWgmmaMaxStride &&
+           reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
   at::Tensor x = x_in;
   if (!aligned(x)) x = x_in.contiguous();  // a fresh, aligned copy unless x_in was contiguous

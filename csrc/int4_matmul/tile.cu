@@ -238,10 +238,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
 struct ConfigFacts {
   int bn, bm, min_ctas;
 };
-constexpr ConfigFacts kFacts[kTileConfigs + 1] = {
+constexpr ConfigFacts kFacts[kTileConfigs + 2] = {
     {Tile0::kBN, Tile0::kBM, Tile0::kMinCtas},
     {Tile1::kBN, Tile1::kBM, Tile1::kMinCtas},
-    {kWgmmaBN, kWgmmaBM, 1},  // wgmma_kernel (wgmma.cu)
+    {kWgmmaBN, 128, 1},  // wgmma_kernel (wgmma.cu)
+    {kWgmmaBN, 256, 1},
 };
 
 template <typename T, typename S, bool HAS_ZEROS, class C>
@@ -282,11 +283,11 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 // grid fills the slots most evenly, the fewest on ties, >= 4 K steps per split.
 TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
-  const bool wgmma = wgmma_supported(device, group_shift);
+  const bool wgmma = wgmma_supported(device, group_shift) && k < kWgmmaMaxStride;
   plan.config = m <= 64 ? 0 : wgmma ? 2 : 1;
   if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
-    plan.config = std::clamp(std::atoi(env), 0, kTileConfigs);
-    if (plan.config == 2 && !wgmma) plan.config = 1;
+    plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + 1);
+    if (plan.config >= 2 && !wgmma) plan.config = 1;
   }
   const ConfigFacts& f = kFacts[plan.config];
   plan.ctas_n = (n + f.bn - 1) / f.bn;
@@ -314,7 +315,7 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
 
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  if (plan.config == 2) {
+  if (plan.config >= 2) {
     launch_wgmma<T>(p, plan, stream, device);
     return;
   }

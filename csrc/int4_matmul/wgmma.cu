@@ -39,15 +39,20 @@ namespace deepkern {
 namespace int4mm {
 namespace {
 
-constexpr int kThreads = 256;             // two warpgroups
-constexpr int kStages = 4;
-constexpr int kXSlab = kWgmmaBM * 128;    // one 64-wide K slab of the x tile: 128-byte rows
-constexpr int kXBytes = 2 * kXSlab;
-constexpr int kWRow = 80;                 // bytes per weight row in shared memory (64 + pad)
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kWRow = 80;      // bytes per weight row in shared memory (64 + pad)
 constexpr int kWBytes = kWgmmaBN * kWRow;
-constexpr int kStageBytes = kXBytes + kWBytes;  // a multiple of 1024 (swizzle atoms stay aligned)
-constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring to 1024 bytes
-static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of the swizzle");
+
+// The ring for BM rows of x per CTA (the wgmma's N: 128 or 256).
+template <int BM>
+struct Ring {
+  static constexpr int kStages = BM == 128 ? 4 : 3;  // 256: 3 x 74 KB fill the 227 KB
+  static constexpr int kXSlab = BM * 128;            // one 64-wide K slab of x: 128-byte rows
+  static constexpr int kXBytes = 2 * kXSlab;
+  static constexpr int kStageBytes = kXBytes + kWBytes;
+  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring
+  static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of the swizzle");
+};
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -81,6 +86,11 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+// 16 bytes global -> shared (cp.async.cg), zero-filled and `src` not read when !ok.
+__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+
 // Keeps registers allocated (and unchanged) up to this point.
 __device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
   asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
@@ -90,16 +100,17 @@ __device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
 __device__ __forceinline__ void pin(uint32_t (&a)[4]) {
   asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
 }
-__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d[64x128 fp32 per warpgroup] += A (registers) x B (descriptor).
-template <typename T>
-__device__ __forceinline__ void wgmma_128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+// d[64 x N fp32 per warpgroup] += A (registers) x B (descriptor), N = 128 or 256.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_n(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (std::is_same_v<T, __half>) {
+  if constexpr (N == 128 && std::is_same_v<T, __half>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -107,13 +118,29 @@ __device__ __forceinline__ void wgmma_128(float (&d)[64], const uint32_t (&a)[4]
         "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-  } else {
+  } else if constexpr (N == 128) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
         "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
   }
 #endif
@@ -148,38 +175,63 @@ struct ByteDequant {
   }
 };
 
-template <typename T, typename S, bool HAS_ZEROS, int DEPTH>
+template <typename T, typename S, bool HAS_ZEROS, int DEPTH, int BM>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
   static_assert(8 % DEPTH == 0, "a whole number of operand buffers per K step");
+  using R = Ring<BM>;
+  constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kXBytes = R::kXBytes, kStageBytes = R::kStageBytes;
+  constexpr int kXCopies = BM * 16 / kThreads;  // 16-byte x chunks per thread per step
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * kWgmmaBM;
+  const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * BM;
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.k, k_begin + p.k_per_split);
   const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
   const T* x = static_cast<const T*>(p.x);
 
-  auto load_stage = [&](int step) {
-    uint8_t* xs = smem + (step % kStages) * kStageBytes;
-    uint8_t* ws = xs + kXBytes;
+  // Copies into the ring. Each thread's share is fixed across steps: 16-byte chunk ch of x
+  // rows r0 + 16 i (i < BM / 16; the swizzled position is the same in each, 2048 bytes apart) and
+  // chunk u4 of weight rows rw + 64 i (i < 2), from pointers that advance one step each time.
+  // (Index math per copy made the first version spend ~215 of its ~490 instructions per step
+  // here.) Copies past M, N or the split's K read nothing and zero-fill (source size 0).
+  const int ch = threadIdx.x & 15, r0 = threadIdx.x >> 4;
+  const uint32_t xs_off = (ch >> 3) * kXSlab + r0 * 128 + (((ch & 7) ^ (r0 & 7)) << 4);
+  // Row r0's chunk, and the byte offsets of rows r0 + 16 i from it (32-bit: the host keeps
+  // x_stride below kWgmmaMaxStride).
+  const T* xrow = x + static_cast<int64_t>(m0 + r0) * p.x_stride + k_begin + 8 * ch;
+  const uint32_t x_rows16 = static_cast<uint32_t>(32 * p.x_stride);
+  uint32_t xm_ok = 0;
+#pragma unroll
+  for (int i = 0; i < kXCopies; ++i) xm_ok |= static_cast<uint32_t>(m0 + r0 + 16 * i < p.m) << i;
+  const int u4 = threadIdx.x & 3, rw = threadIdx.x >> 2;
+  const uint32_t ws_off = kXBytes + rw * kWRow + 16 * u4;
+  const int32_t* wrow[2];
+  uint32_t wn_ok = 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    wrow[i] = p.packed + static_cast<int64_t>(n0 + rw + 64 * i) * p.kw + k_begin / 8 + 4 * u4;
+    wn_ok |= static_cast<uint32_t>(n0 + rw + 64 * i < p.n) << i;
+  }
+  static_assert(kWgmmaBN * 4 == 2 * kThreads, "copy shares");
+  const uint32_t smem_base = smem_u32(smem);
+
+  auto load_stage = [&](int step) {  // called for steps 0, 1, 2, ... in order
+    const uint32_t stage = smem_base + (step % kStages) * kStageBytes;
     const int kb = k_begin + step * kChunkK;
+    const bool xk = kb + 8 * ch < k_end;
 #pragma unroll
-    for (int i = 0; i < kWgmmaBM * 16 / kThreads; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int r = e >> 4, ch = e & 15, k = kb + 8 * ch, m = m0 + r;
-      const bool ok = m < p.m && k < k_end;
-      cp_async<16>(xs + (ch >> 3) * kXSlab + r * 128 + (((ch & 7) ^ (r & 7)) << 4),
-                   ok ? x + static_cast<int64_t>(m) * p.x_stride + k : x, ok);
-    }
+    for (int i = 0; i < kXCopies; ++i)
+      copy16(stage + xs_off + 2048 * i, reinterpret_cast<const uint8_t*>(xrow) + i * x_rows16,
+             xk && ((xm_ok >> i) & 1u));
+    xrow += kChunkK;
+    const bool wk = kb + 32 * u4 < k_end;
 #pragma unroll
-    for (int i = 0; i < kWgmmaBN * 4 / kThreads; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int r = e >> 2, u = e & 3, kc = kb + 32 * u, n = n0 + r;
-      const bool ok = n < p.n && kc < k_end;
-      cp_async<16>(ws + r * kWRow + 16 * u, ok ? p.packed + static_cast<int64_t>(n) * p.kw + kc / 8 : p.packed, ok);
+    for (int i = 0; i < 2; ++i) {
+      copy16(stage + ws_off + 64 * kWRow * i, wrow[i], wk && ((wn_ok >> i) & 1u));
+      wrow[i] += kChunkK / 8;
     }
   };
 
@@ -201,9 +253,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
     }
   };
 
-  float acc[64];
+  float acc[BM / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
   // A operands of the last DEPTH k16 slices: each slice's wgmma is its own commit group and
   // the loop waits until at most DEPTH - 1 are in flight before dequantizing the next
   // slice into the buffer of the one just retired.
@@ -250,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
         ar[2] = da(h ? wa.w : wa.y, sel);  // row a, k 2t + 8, 2t + 9
         ar[3] = db(h ? wb.w : wb.y, sel);
         wgmma_fence();
-        wgmma_128<T>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
+        wgmma_n<T, BM>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
         wgmma_commit();
         wgmma_wait<DEPTH - 1>();
         // The next slice's buffer held the operands of the wgmma just retired: live until here.
@@ -259,13 +311,13 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
     }
   }
   wgmma_wait<0>();
-  fence_acc(acc);
+  fence_acc<BM / 2>(acc);
   cp_async_wait<0>();
 
   // acc[4 j + i]: weight row row_a (+ 8 for i >= 2), x row 8 j + 2 t + (i & 1).
   const int64_t mn = static_cast<int64_t>(p.m) * p.n;
 #pragma unroll
-  for (int j = 0; j < kWgmmaBM / 8; ++j)
+  for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = n0 + row_a + (i >= 2 ? 8 : 0);
@@ -291,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int e = threadIdx.x; e < kWgmmaBM * kWgmmaBN; e += kThreads) {
+  for (int e = threadIdx.x; e < BM * kWgmmaBN; e += kThreads) {
     const int m = m0 + e / kWgmmaBN, row = n0 + e % kWgmmaBN;
     if (m >= p.m || row >= p.n) continue;
     const int64_t o = static_cast<int64_t>(m) * p.n + row;
@@ -306,37 +358,33 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
 #endif
 }
 
-template <typename T, typename S, bool HAS_ZEROS, int DEPTH>
+template <typename T, typename S, bool HAS_ZEROS, int BM>
 void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, DEPTH>;
+  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, BM>;
   static std::array<std::atomic<bool>, 64> prepared{};
   std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
   if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<BM>::kSmem));
     if (flag != nullptr) flag->store(true, std::memory_order_release);
   }
   const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, kThreads, Ring<BM>::kSmem, stream>>>(p);
 }
 
 template <typename T, typename S, bool HAS_ZEROS>
-void launch_depth(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  const char* env = std::getenv("DEEPKERN_INT4_WGMMA_DEPTH");  // sweeps
-  const int depth = env ? std::atoi(env) : 4;
-  if (depth == 2)
-    launch_one<T, S, HAS_ZEROS, 2>(p, plan, stream, device);
-  else if (depth == 8)
-    launch_one<T, S, HAS_ZEROS, 8>(p, plan, stream, device);
+void launch_bm(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  if (plan.config == 3)
+    launch_one<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
   else
-    launch_one<T, S, HAS_ZEROS, 4>(p, plan, stream, device);
+    launch_one<T, S, HAS_ZEROS, 128>(p, plan, stream, device);
 }
 
 template <typename T, typename S>
 void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   if (p.zeros != nullptr)
-    launch_depth<T, S, true>(p, plan, stream, device);
+    launch_bm<T, S, true>(p, plan, stream, device);
   else
-    launch_depth<T, S, false>(p, plan, stream, device);
+    launch_bm<T, S, false>(p, plan, stream, device);
 }
 
 }  // namespace
@@ -354,6 +402,7 @@ template <typename T>
 void launch_wgmma(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   using Other = std::conditional_t<std::is_same_v<T, __half>, __nv_bfloat16, __half>;
   TORCH_CHECK(p.scale_kind == 0 || p.scale_kind == 1, "int4_matmul (cuda): the wgmma kernel takes 16-bit scales");
+  TORCH_CHECK(p.x_stride < kWgmmaMaxStride, "int4_matmul (cuda): x row stride too large for the wgmma kernel");
   if (p.scale_kind == 0)
     launch_scales<T, T>(p, plan, stream, device);
   else
