@@ -553,6 +553,24 @@ def test_cuda_tile_exact_and_layouts():
     assert_close(deepkern.int4_matmul(x, w, backend="cuda"), _ref(x, w), torch.float16)
 
 
+def test_auto_order(monkeypatch):
+    """auto: CUDA first up to M=32, Triton beyond, CUDA again from M=256 where the wgmma kernel
+    runs (Hopper, groups >= 128 or channelwise)."""
+    import importlib
+
+    op = importlib.import_module("deepkern.ops.int4_matmul")
+    dev = torch.device("cuda", 0)
+    for wgmma in (False, True):
+        monkeypatch.setattr(op, "_wgmma_device", lambda device, w=wgmma: w)
+        assert op._auto_order(1, dev, 4096, 128)[0] == "cuda"
+        assert op._auto_order(32, dev, 4096, 128)[0] == "cuda"
+        assert op._auto_order(33, dev, 4096, 128)[0] == "triton"
+        assert op._auto_order(255, dev, 4096, 128)[0] == "triton"
+        assert op._auto_order(256, dev, 4096, 128)[0] == ("cuda" if wgmma else "triton")
+        assert op._auto_order(4096, dev, 4096, 4096)[0] == ("cuda" if wgmma else "triton")  # channelwise
+        assert op._auto_order(4096, dev, 4096, 64)[0] == "triton"  # groups < 128: no wgmma kernel
+
+
 @pytest.mark.cuda
 def test_cuda_refusals_and_auto():
     w100 = _weight(24, 100, -1, device="cuda")

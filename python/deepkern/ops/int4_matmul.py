@@ -4,8 +4,9 @@ registers inside the matmul.
 Public function -> validation -> backend choice -> one of
     torch.ops.deepkern_triton.int4_matmul / _bwd   (Triton, triton_kernels/int4_matmul.py)
     torch.ops.deepkern.int4_matmul                 (CUDA, csrc/int4_matmul/; K % 32 == 0; M <= 16
-                                                    small_m_kernel, larger M tile_kernel; its
-                                                    backward is the Triton dx kernel)
+                                                    small_m_kernel, larger M tile_kernel, or on
+                                                    Hopper wgmma_kernel; its backward is the
+                                                    Triton dx kernel)
     deepkern.reference.int4_matmul_ref             (torch; the only backend for fp32 x)
 
 The custom ops take the Int4Weight's tensors, not the object:
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from deepkern import _backend
-from deepkern._ext import has_cuda_ext
+from deepkern._ext import build_info, has_cuda_ext
 from deepkern.ops._layout import as_rows
 from deepkern.quant.int4 import Int4Weight, effective_group_size
 from deepkern.reference.int4_matmul import int4_matmul_ref_parts
@@ -148,6 +149,25 @@ def _check(who, x, packed, scales, n, k, bias):
 # (8192, 28672), fp16, us (.dev/i4_tile.py, CUDA graphs): M=17 CUDA 41.8 / 125.6 vs Triton
 # 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5.
 CUDA_FIRST_MAX_M = 32
+# ... and from this M on again where the CUDA wgmma kernel runs (Hopper, sm_90a build, groups
+# of >= 128 or channelwise). H100, fp16, us (.dev/i4_wg2.py, CUDA graphs), M = 256 / 1024 /
+# 4096, CUDA vs Triton: 8192x8192 91.8 / 289 / 1174 vs 94.9 / 312 / 1259; 8192x28672 291 /
+# 1082 / 4386 vs 365 / 1123 / 4474; 4096x4096 34.2 / 81.6 / 288 vs 35.0 / 83.9 / 335;
+# 14336x4096 81.2 / 250 / 1033 vs 93.6 / 278 / 1153. (M=128: mixed, Triton stays first.)
+CUDA_WGMMA_MIN_M = 256
+
+
+_WGMMA: dict[torch.device, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _wgmma_device(device: torch.device) -> bool:
+    """The CUDA extension was built with sm_90a code and `device` is a Hopper GPU (cached;
+    a constant for torch.compile)."""
+    if device not in _WGMMA:
+        _WGMMA[device] = (device.type == "cuda" and bool(build_info().get("sm90a"))
+                          and torch.cuda.get_device_capability(device) == (9, 0))
+    return _WGMMA[device]
 
 
 def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096,
@@ -169,8 +189,12 @@ def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096
     return reasons
 
 
-def _auto_order(m: int) -> tuple[str, ...]:
+def _auto_order(m: int, device: torch.device | None = None, k: int = 0, group: int = 0) -> tuple[str, ...]:
+    """`group`: consecutive K per group (K for channelwise)."""
     if m <= CUDA_FIRST_MAX_M:
+        return ("cuda", "triton", "torch")
+    if (m >= CUDA_WGMMA_MIN_M and device is not None and (group >= 128 or group == k)
+            and _wgmma_device(device)):
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 
@@ -191,7 +215,8 @@ def int4_matmul_parts(
     _check(who, x, packed, scales, n, k, bias)
     m = x.numel() // k
     group = effective_group_size(group_size, k)
-    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group), _auto_order(m))
+    choice = _backend.choose(OP, backend, _reasons(x.device, x.dtype, m, k, group),
+                             _auto_order(m, x.device, k, group))
     if choice == "torch":
         return int4_matmul_ref_parts(x, packed, scales, zeros, k, group_size, bias)
     op = torch.ops.deepkern.int4_matmul if choice == "cuda" else torch.ops.deepkern_triton.int4_matmul
