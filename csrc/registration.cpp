@@ -37,7 +37,7 @@ TORCH_LIBRARY(deepkern, m) {
   // ---- INT4 group-dequant GEMM, W4A16 (csrc/int4_matmul/) ----
   // x [M, K] fp16/bf16; packed int32 [N, K/8], scales [K/group, N], zeros uint8 or None
   // (layout v1, python/deepkern/quant/int4.py); group = K per group. y [M, N] in x's dtype.
-  // The CUDA kernel takes M <= 16 and K % 32 == 0; the Python op routes other calls to Triton.
+  // The CUDA kernels take K % 32 == 0 (any M); the Python op routes other calls to Triton.
   m.def(
       "int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group, "
       "Tensor? bias) -> Tensor");
