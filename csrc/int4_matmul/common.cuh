@@ -172,6 +172,46 @@ __device__ __forceinline__ float load_bias(const Params& p, int n) {
                      : to_float(static_cast<const T*>(p.bias)[n]);
 }
 
+// Tile kernels (grid: CTA tiles x, y; K splits z): one result of y[m, row], as the fp32
+// partial of split blockIdx.z when p.part is set, else (+ bias) in x's dtype.
+template <typename T>
+__device__ __forceinline__ void store_tile_result(const Params& p, int m, int row, float v) {
+  const int64_t o = static_cast<int64_t>(m) * p.n + row;
+  if (p.part != nullptr) {
+    p.part[blockIdx.z * static_cast<int64_t>(p.m) * p.n + o] = v;
+  } else {
+    if (p.bias != nullptr) v += load_bias<T>(p, row);
+    static_cast<T*>(p.out)[o] = from_float<T>(v);
+  }
+}
+
+// Tile kernels' split-K without a second kernel (p.counters set): the last CTA of tile
+// (blockIdx.x, blockIdx.y) = x rows [m0, m0 + bm) x weight rows [n0, n0 + bn) to finish sums
+// the splits' partials in split order (the same bits whichever CTA is last), adds the bias,
+// writes y and re-arms the tile's counter. Called by every thread of the CTA.
+template <typename T>
+__device__ void sum_splits_if_last(const Params& p, int m0, int n0, int bm, int bn) {
+  __shared__ bool last;
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  for (int e = threadIdx.x; e < bm * bn; e += blockDim.x) {
+    const int m = m0 + e / bn, row = n0 + e % bn;  // consecutive threads: consecutive n
+    if (m >= p.m || row >= p.n) continue;
+    const int64_t o = static_cast<int64_t>(m) * p.n + row;
+    float v = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
+    if (p.bias != nullptr) v += load_bias<T>(p, row);
+    static_cast<T*>(p.out)[o] = from_float<T>(v);
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;
+}
+
 // y = the fp32 partials [splits, M, N] summed in split order (+ bias): the split-K sum when
 // the kernels cannot do it themselves (while a CUDA graph is being captured).
 template <typename T>

@@ -193,7 +193,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
   cp_async_wait<0>();  // only empty groups can remain; none may outlive the CTA
 
   // acc[mi][nt]: c0, c1 = (weight row row_w + 16 mi; x rows 8 nt + 2 t, + 1), c2, c3 = (row + 8).
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -202,37 +201,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
       for (int i = 0; i < 4; ++i) {
         const int row = n0 + row_w + 16 * mi + (i >= 2 ? 8 : 0);
         const int m = m0 + wm * 8 * C::kMT + 8 * nt + 2 * t + (i & 1);
-        if (m >= p.m || row >= p.n) continue;
-        const int64_t o = static_cast<int64_t>(m) * p.n + row;
-        if (p.part != nullptr) {
-          p.part[blockIdx.z * mn + o] = acc[mi][nt][i];
-        } else {
-          float v = acc[mi][nt][i];
-          if (p.bias != nullptr) v += load_bias<T>(p, row);
-          static_cast<T*>(p.out)[o] = from_float<T>(v);
-        }
+        if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[mi][nt][i]);
       }
-  if (p.counters == nullptr) return;
-
-  // The last CTA of this tile to finish sums the splits' partials in split order.
-  __shared__ bool last;
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < C::kBM * C::kBN; e += C::kThreads) {
-    const int m = m0 + e / C::kBN, row = n0 + e % C::kBN;  // consecutive threads: consecutive n
-    if (m >= p.m || row >= p.n) continue;
-    const int64_t o = static_cast<int64_t>(m) * p.n + row;
-    float v = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
-    if (p.bias != nullptr) v += load_bias<T>(p, row);
-    static_cast<T*>(p.out)[o] = from_float<T>(v);
-  }
-  if (threadIdx.x == 0) p.counters[tile] = 0;
+  if (p.counters != nullptr) sum_splits_if_last<T>(p, m0, n0, C::kBM, C::kBN);
 }
 
 struct ConfigFacts {

@@ -315,44 +315,15 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
   cp_async_wait<0>();
 
   // acc[4 j + i]: weight row row_a (+ 8 for i >= 2), x row 8 j + 2 t + (i & 1).
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
 #pragma unroll
   for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = n0 + row_a + (i >= 2 ? 8 : 0);
       const int m = m0 + 8 * j + 2 * t + (i & 1);
-      if (m >= p.m || row >= p.n) continue;
-      const int64_t o = static_cast<int64_t>(m) * p.n + row;
-      if (p.part != nullptr) {
-        p.part[blockIdx.z * mn + o] = acc[4 * j + i];
-      } else {
-        float v = acc[4 * j + i];
-        if (p.bias != nullptr) v += load_bias<T>(p, row);
-        static_cast<T*>(p.out)[o] = from_float<T>(v);
-      }
+      if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
     }
-  if (p.counters == nullptr) return;
-
-  // The last CTA of this tile to finish sums the splits' partials in split order.
-  __shared__ bool last;
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < BM * kWgmmaBN; e += kThreads) {
-    const int m = m0 + e / kWgmmaBN, row = n0 + e % kWgmmaBN;
-    if (m >= p.m || row >= p.n) continue;
-    const int64_t o = static_cast<int64_t>(m) * p.n + row;
-    float v = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
-    if (p.bias != nullptr) v += load_bias<T>(p, row);
-    static_cast<T*>(p.out)[o] = from_float<T>(v);
-  }
-  if (threadIdx.x == 0) p.counters[tile] = 0;
+  if (p.counters != nullptr) sum_splits_if_last<T>(p, m0, n0, BM, kWgmmaBN);
 #else
   __trap();  // the host launches this kernel only on sm_90a code
 #endif
