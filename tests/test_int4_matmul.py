@@ -246,6 +246,16 @@ def test_opcheck(device, symmetric):
                               (dy, w.packed, w.scales, w.zeros, w.group_len, 128))
 
 
+def test_compile_fullgraph_large_m():
+    """The backend choice at large M (where auto asks whether the CUDA wgmma kernel runs on
+    the device) traces without a graph break."""
+    torch._dynamo.reset()
+    w = _weight(24, 64, -1)  # channelwise: the wgmma kernel would take it
+    x = _x(300, 64, torch.float32, "cpu")
+    fn = torch.compile(lambda h: deepkern.int4_matmul(h, w), fullgraph=True, backend="aot_eager")
+    assert_close(fn(x), _ref(x, w), torch.float32)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_compile_fullgraph(device):
     torch._dynamo.reset()

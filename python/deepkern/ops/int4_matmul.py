@@ -160,14 +160,17 @@ CUDA_WGMMA_MIN_M = 256
 _WGMMA: dict[torch.device, bool] = {}
 
 
-@torch.compiler.assume_constant_result
 def _wgmma_device(device: torch.device) -> bool:
-    """The CUDA extension was built with sm_90a code and `device` is a Hopper GPU (cached;
-    a constant for torch.compile)."""
-    if device not in _WGMMA:
-        _WGMMA[device] = (device.type == "cuda" and bool(build_info().get("sm90a"))
-                          and torch.cuda.get_device_capability(device) == (9, 0))
-    return _WGMMA[device]
+    """The CUDA extension was built with sm_90a code and `device` is a Hopper GPU. Cached by
+    the first eager call; while torch.compile traces, only the cache is read (a device not
+    seen eagerly yet counts as no: Triton then serves M >= 256 there)."""
+    known = _WGMMA.get(device)
+    if known is None:
+        if torch.compiler.is_compiling():
+            return False
+        known = _WGMMA[device] = (device.type == "cuda" and bool(build_info().get("sm90a"))
+                                  and torch.cuda.get_device_capability(device) == (9, 0))
+    return known
 
 
 def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096,
