@@ -1,5 +1,6 @@
 // INT4 GEMM for large M on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
-// two warpgroups over 128 weight rows (64 each) x 128 rows of x, y^T tile = W tile @ x tile^T.
+// two warpgroups over 128 weight rows (64 each) x BM rows of x (128, or 256 past M = 128),
+// y^T tile = W tile @ x tile^T.
 //
 // The weight is wgmma's register operand (A). Per K step of 128, each lane reads its two
 // weight rows' 64 bytes from shared memory (80-byte rows: the 8 rows of an LDS.128 phase hit 8
@@ -10,15 +11,14 @@
 // HFMA2 (HSUB2) leaves q - z exactly and an HMUL2 applies the scale once, so the fed weight is
 // Int4Weight.dequantize(x.dtype) bit for bit (scales in x's dtype; the other 16-bit dtype is
 // rounded to it first). x goes into shared memory in its natural layout (K-major, 128-byte
-// swizzle: 16-byte chunk c of row r at c ^ (r & 7)) by cp.async, 4 stages, and is wgmma's B
-// operand through a descriptor. A K step's 8 wgmmas (one per k16 slice) form one commit
-// group, waited for one step behind (wait_group 1), so the next step's dequantization and
-// copies overlap them; the A operands of a step are double-buffered and the previous
-// buffer kept alive past the wait (the compiler does not know wgmma reads its registers
-// asynchronously).
+// swizzle: 16-byte chunk c of row r at c ^ (r & 7)) by cp.async through a ring (4 stages at
+// BM = 128, 3 at 256), and is wgmma's B operand through a descriptor. Each k16 slice's wgmma
+// is its own commit group; up to 4 are in flight, and a slice's A registers are rewritten
+// only after its wgmma retired (kept alive past the wait: the compiler does not know wgmma
+// reads registers asynchronously). Measured history: docs/perf-notes.md (int4_matmul, l).
 //
 // Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
-// Split-K and the epilogue as in tile.cu.
+// The result store and the split-K sum are tile.cu's (common.cuh).
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -94,11 +94,6 @@ __device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool ok) {
 // Keeps registers allocated (and unchanged) up to this point.
 __device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
   asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
-}
-// Pins registers' values here: computed before this point, not after (the compiler would
-// otherwise sink a slice's dequantization between the wgmmas, and ptxas then serializes them).
-__device__ __forceinline__ void pin(uint32_t (&a)[4]) {
-  asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3])::"memory");
 }
 template <int N>
 __device__ __forceinline__ void fence_acc(float (&d)[N]) {
