@@ -592,10 +592,42 @@ def test_cuda_refusals_and_auto():
 
 
 @pytest.mark.cuda
+def test_cuda_graph_several_launches():
+    """Split-K (the splits' fp32 partials summed by a second kernel) under CUDA graphs: two
+    graphs with several launches each (one weight at several M: small-M, tile and wgmma
+    kernels), replayed alternately and repeatedly on fresh inputs, eager calls in between
+    (the same bits as the replay)."""
+    w = _weight(4096, 8192, 128, device="cuda")
+    b = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+    graphs = []
+    for ms in ((1, 2, 16), (4, 8, 96, 300)):
+        xs = [_x(m, 8192, torch.bfloat16, "cuda") for m in ms]
+        for x in xs:
+            deepkern.int4_matmul(x, w, b, backend="cuda")  # eager warm-up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ys = [deepkern.int4_matmul(x, w, b, backend="cuda") for x in xs]
+        graphs.append((graph, xs, ys))
+    for _ in range(3):
+        for graph, xs, ys in graphs:
+            for x in xs:
+                x.copy_(_x(x.shape[0], 8192, torch.bfloat16, "cuda"))
+            for y in ys:
+                y.fill_(float("nan"))
+            graph.replay()
+            eager = deepkern.int4_matmul(xs[0], w, b, backend="cuda")
+            torch.cuda.synchronize()
+            for x, y in zip(xs, ys):
+                assert_close(y, _ref(x, w, b), torch.bfloat16)
+            assert torch.equal(eager, ys[0])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("m", [4, 64, 256])
 def test_cuda_graph_and_compile(m):
     """The kernels (M=4: small-M, M=64: tile, M=256: wgmma on Hopper) captured in a CUDA graph
-    (split-K then summed by the second kernel) and under torch.compile."""
+    and under torch.compile."""
     w = _weight(2048, 4096, 128, device="cuda")
     x = _x(m, 4096, torch.bfloat16, "cuda")
     deepkern.int4_matmul(x, w, backend="cuda")

@@ -107,15 +107,34 @@ def test_forward_long_rows(device, n):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cluster", ["1", "2"])
-def test_forward_long_rows_cuda_paths(monkeypatch, cluster):
-    """The CUDA split forward without thread clusters (one CTA per row) and with small ones
-    (rows too long for two CTAs fall back to one CTA or the looped kernel)."""
-    monkeypatch.setenv("DEEPKERN_LNG_FWD_CLUSTER", cluster)
+@pytest.mark.parametrize("env", [{"DEEPKERN_LNG_FWD_CLUSTER": "1"}, {"DEEPKERN_LNG_FWD_CLUSTER": "2"},
+                                 {"DEEPKERN_LNG_FWD_PAIR": "0"}], ids=["cluster1", "cluster2", "nopair"])
+def test_forward_long_rows_cuda_paths(monkeypatch, env):
+    """The CUDA split forward without thread clusters (one CTA per row), with small ones (rows
+    too long for two CTAs fall back to one CTA or the looped kernel), and with one row per CTA
+    where the default takes two (a residual)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     for n in (20000, 40000, 65536):
         _check_forward((3, n), torch.bfloat16, "cuda", "cuda")
         _check_forward((2, n), torch.float16, "cuda", "cuda", residual=True, norm="rmsnorm")
         _check_forward((2, n), torch.float32, "cuda", "cuda", residual=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [16384 + 8, 20000, 32768, 40000, 65536, 131072])
+def test_forward_row_pairs_cuda(monkeypatch, n):
+    """The two-row split forward (the default with a residual, forced here for all cases; rows
+    over >= 2 CTAs; 131072 keeps one row per CTA): odd and even row counts (the last pair half
+    empty), uneven parts (40000), fp32 parameters, no weight/bias, a residual with rmsnorm,
+    tanh, fp32 rows; saved mean/rstd through the backward."""
+    monkeypatch.setenv("DEEPKERN_LNG_FWD_PAIR", "1")
+    _check_forward((301, n), torch.bfloat16, "cuda", "cuda")
+    _check_forward((64, n), torch.float16, "cuda", "cuda", param_dtype=torch.float32, approximate="tanh")
+    _check_forward((33, n), torch.bfloat16, "cuda", "cuda", weight=False, bias=False)
+    _check_forward((17, n), torch.bfloat16, "cuda", "cuda", residual=True, norm="rmsnorm")
+    _check_forward((9, n), torch.float32, "cuda", "cuda", residual=True, bias=False)
+    _check_backward((21, n), torch.bfloat16, "cuda", "cuda")
 
 
 @pytest.mark.cuda

@@ -148,7 +148,6 @@ struct Params {
   bool bias_fp32;
   void* out;    // [M, N] x's dtype, written when splits == 1
   float* part;  // [splits, M, N] fp32 otherwise
-  int* counters;  // per CTA column when the last CTA of a column sums the splits; else null
   int splits;
   int m, n, k, kw, group;
   int group_shift;  // log2(group), or -1 when the group is all of K (channelwise)
@@ -185,35 +184,12 @@ __device__ __forceinline__ void store_tile_result(const Params& p, int m, int ro
   }
 }
 
-// Tile kernels' split-K without a second kernel (p.counters set): the last CTA of tile
-// (blockIdx.x, blockIdx.y) = x rows [m0, m0 + bm) x weight rows [n0, n0 + bn) to finish sums
-// the splits' partials in split order (the same bits whichever CTA is last), adds the bias,
-// writes y and re-arms the tile's counter. Called by every thread of the CTA.
-template <typename T>
-__device__ void sum_splits_if_last(const Params& p, int m0, int n0, int bm, int bn) {
-  __shared__ bool last;
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.counters + tile, 1) == p.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-  for (int e = threadIdx.x; e < bm * bn; e += blockDim.x) {
-    const int m = m0 + e / bn, row = n0 + e % bn;  // consecutive threads: consecutive n
-    if (m >= p.m || row >= p.n) continue;
-    const int64_t o = static_cast<int64_t>(m) * p.n + row;
-    float v = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
-    if (p.bias != nullptr) v += load_bias<T>(p, row);
-    static_cast<T*>(p.out)[o] = from_float<T>(v);
-  }
-  if (threadIdx.x == 0) p.counters[tile] = 0;
-}
-
-// y = the fp32 partials [splits, M, N] summed in split order (+ bias): the split-K sum when
-// the kernels cannot do it themselves (while a CUDA graph is being captured).
+// y = the fp32 partials [splits, M, N] summed in split order (+ bias): the split-K sum, a
+// second kernel after every split launch. (The last CTA of each column summing the splits in
+// the kernel itself, with self-re-arming counters, was slower in GPU time: each CTA's fence
+// and atomic at its end delay the next CTA in its slot. H100, CUDA-graph replays, fused /
+// second kernel, us: 8192x28672 M=1 64.8 / 55.7, 8192x8192 M=1 26.0 / 23.3, 4096x4096
+// M=64 36.4 / 24.8, 8192x8192 M=64 66.3 / 56.8; M=1024 equal.)
 template <typename T>
 __global__ void sum_splits_kernel(const Params p, int splits) {
   const int64_t mn = static_cast<int64_t>(p.m) * p.n;
@@ -226,12 +202,8 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
   }
 }
 
-// Zeroed int32 counters for the kernels' fused split-K sums (int4_matmul.cu); nullptr while
-// `stream` is capturing a CUDA graph.
-int* split_counters(int device, cudaStream_t stream, int count);
-
 // Kernels for M > 16. plan_tile (tile.cu) picks the kernel, its CTA tile and the K splits;
-// launch_tile runs it (16-bit scales; `p.part`/`p.counters` as the plan says): tile_kernel
+// launch_tile runs it (16-bit scales; `p.part` as the plan says): tile_kernel
 // (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; config 2).
 struct TilePlan {
   int config = 0;  // 0, 1: tile.cu's tiles; 2, 3: wgmma_kernel with 128 / 256 x rows

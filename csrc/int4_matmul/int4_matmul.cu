@@ -22,8 +22,8 @@
 // Latency: each lane double-buffers its weights in registers (the next batch of K steps is
 // loaded before this one is unpacked) and, for M <= 8, the CTA stages its split of x in
 // shared memory once. Split-K keeps every SM streaming at M = 1: fp32 partials
-// [splits, M, N] are summed in split order by the last CTA of each column to finish (a
-// second kernel while a CUDA graph is being captured), so results are deterministic.
+// [splits, M, N] are summed in split order by a second kernel (sum_splits_kernel, common.cuh),
+// so results are deterministic.
 // Measured history and what did not work: docs/perf-notes.md (int4_matmul).
 
 #include <ATen/core/Tensor.h>
@@ -36,8 +36,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
-#include <unordered_map>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -186,30 +184,6 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
       }
     }
   }
-  if (p.counters == nullptr) return;
-
-  // Split-K without a second kernel: the last CTA of this column of the grid to finish sums
-  // the partials of all splits in split order (the same bits whichever CTA is last), adds
-  // the bias, writes y and re-arms the counter for the next call on this stream.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.counters + blockIdx.x, 1) == p.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-  for (int e = threadIdx.x; e < p.m * kRowsPerCta; e += blockDim.x) {
-    const int m = e / kRowsPerCta;
-    const int row = blockIdx.x * kRowsPerCta + e % kRowsPerCta;
-    if (row >= p.n) continue;
-    const int64_t o = static_cast<int64_t>(m) * p.n + row;
-    float v = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(p.part + sp * mn + o);
-    if (p.bias != nullptr) v += load_bias<T>(p, row);
-    static_cast<T*>(p.out)[o] = from_float<T>(v);
-  }
-  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
 }
 
 
@@ -276,28 +250,6 @@ void launch_all(const Params& p, int splits, cudaStream_t stream) {
     z ? launch<T, S, true, 2>(p, splits, stream) : launch<T, S, false, 2>(p, splits, stream);
 }
 
-// Zeroed int32 counters for the fused split-K reduction, one buffer per (device, stream):
-// kernels of one stream run in order and each re-arms its counters, so a buffer is reused
-// call after call with no memset. nullptr while the stream is capturing a CUDA graph (then
-// the second kernel sums the splits: a graph replay must not depend on this cache).
-int* split_counters(int device, cudaStream_t stream, int count) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return nullptr;
-  static std::mutex mutex;
-  // Never destroyed: freeing CUDA memory from static destructors at exit can crash.
-  static auto& buffers = *new std::unordered_map<uint64_t, at::Tensor>();
-  const uint64_t key = (static_cast<uint64_t>(device) << 56) ^ reinterpret_cast<uintptr_t>(stream);
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buf = buffers[key];
-  if (!buf.defined() || buf.numel() < count) {
-    // Zeroed on this stream, so the first kernel that uses it sees zeros.
-    buf = at::empty({std::max(count, 1024)}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
-    C10_CUDA_CHECK(cudaMemsetAsync(buf.data_ptr(), 0, buf.numel() * sizeof(int), stream));
-  }
-  return buf.data_ptr<int>();
-}
-
 }  // namespace int4mm
 
 namespace {
@@ -357,7 +309,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   const at::Tensor scales = small || scales_in.scalar_type() != at::kFloat
                                 ? scales_in.contiguous()
                                 : scales_in.to(x.scalar_type()).contiguous();
-  int splits = 1, k_per_split = 0, counters = 0;
+  int splits = 1, k_per_split = 0;
   TilePlan plan;
   if (small) {
     const int slots = kCtasPerSm * num_sms(device);
@@ -366,7 +318,6 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
     const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
     splits = (k_steps + per_split - 1) / per_split;
     k_per_split = per_split * kChunkK;
-    counters = static_cast<int>((n + kRowsPerCta - 1) / kRowsPerCta);
   } else {
     TORCH_CHECK(m <= INT32_MAX, "int4_matmul (cuda): too many rows of x: ", m);
     const int group_shift = group == k ? -1 : __builtin_ctz(static_cast<unsigned>(group));
@@ -375,7 +326,6 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
                 plan.ctas_m, " x ", plan.splits, " CTAs (at most 65535 each)");
     splits = plan.splits;
     k_per_split = plan.k_per_split;
-    counters = plan.ctas_n * plan.ctas_m;
   }
   at::Tensor part;
   if (splits > 1) part = at::empty({splits, m, n}, x.options().dtype(at::kFloat));
@@ -402,7 +352,6 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   p.splits = splits;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (splits > 1) p.counters = split_counters(device, stream, counters);
 
   auto run = [&](auto t) {
     using T = decltype(t);
@@ -416,7 +365,7 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
       }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1 && p.counters == nullptr) {
+    if (splits > 1) {
       const int64_t mn = m * n;
       const int blocks = static_cast<int>(std::min<int64_t>((mn + 255) / 256, 4096));
       sum_splits_kernel<T><<<blocks, 256, 0, stream>>>(p, splits);

@@ -20,8 +20,8 @@
 // into registers (L2 hits; 4 rows x (2 + 1) bytes per step). Scales in the other 16-bit
 // dtype are rounded to x's there (fp32 ones by the op entry, per call), so the fed weight is
 // Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype, within one
-// rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed in split order by the last CTA of each tile (or
-// by sum_splits_kernel under graph capture), deterministic as in the small-M kernel.
+// rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed in split order by sum_splits_kernel, deterministic as
+// in the small-M kernel.
 //
 // Speed (H100): faster than the Triton tiles only up to M ~ 32 (measurements above the tile
 // configs; `auto` uses it there). mma.sync at 2 warps per scheduler leaves the tensor pipe
@@ -203,7 +203,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
         const int m = m0 + wm * 8 * C::kMT + 8 * nt + 2 * t + (i & 1);
         if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[mi][nt][i]);
       }
-  if (p.counters != nullptr) sum_splits_if_last<T>(p, m0, n0, C::kBM, C::kBN);
 }
 
 struct ConfigFacts {

@@ -318,7 +318,6 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
       const int m = m0 + 8 * j + 2 * t + (i & 1);
       if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
     }
-  if (p.counters != nullptr) sum_splits_if_last<T>(p, m0, n0, BM, kWgmmaBN);
 #else
   __trap();  // the host launches this kernel only on sm_90a code
 #endif

@@ -10,7 +10,7 @@
 //     prefetch, 16 warps/SM and ~100 registers ran at 35% of copy bandwidth.
 //   fwd_split_kernel: longer rows, held as raw 16-byte vectors (4..8 per thread) and split
 //     over a thread cluster of up to 8 CTAs on sm_90 (row sums through distributed shared
-//     memory).
+//     memory); with a residual, two rows per CTA.
 //   bwd_rows_kernel: persistent row walkers (weight-gradient sums stay in registers across
 //     rows), next row's loads issued before the current row is reduced.
 //   fwd_loop / bwd_stats + bwd_tiles: rows too long for registers (or unaligned), two passes
@@ -334,24 +334,41 @@ __device__ __forceinline__ void load_param_ordered(const void* base, int col, fl
   for (int j = 0; j < VEC; ++j) out[j] = widen<PT>(raw[j / kPer], j % kPer);
 }
 
-// Row total of a per-CTA value over the `ctas` CTAs (one thread cluster) that share a row:
-// each CTA publishes its value in `slot`, then every thread adds all of them in rank order
-// (the same bits in every CTA). Distributed shared memory, sm_90+.
-__device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
+__device__ __forceinline__ float add(float a, float b) { return a + b; }
+__device__ __forceinline__ float2 add(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+
+// Row total of a per-CTA value (float, or float2: two rows) over the `ctas` CTAs (one thread
+// cluster) that share a row: each CTA publishes its value in `slot`, then every thread adds
+// all of them in rank order (the same bits in every CTA). Distributed shared memory, sm_90+.
+template <typename V>
+__device__ __forceinline__ V cluster_total(V v, V* slot, int ctas) {
   if (ctas == 1) return v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   if (threadIdx.x == 0) *slot = v;
   cluster_publish(threadIdx.x == 0);
-  float total = 0.f;
-  for (int r = 0; r < ctas; ++r) total += *cluster.map_shared_rank(slot, r);
+  V total = *cluster.map_shared_rank(slot, 0);
+  for (int r = 1; r < ctas; ++r) total = add(total, *cluster.map_shared_rank(slot, r));
   return total;
 #else
   __trap();  // the host launches clusters only on sm_90+
   return v;
 #endif
 }
+
+// CTA total of ROWS per-thread values (one per row): group_sum, or group_sum2 for two rows.
+template <int ROWS>
+__device__ __forceinline__ auto cta_total(const float (&v)[ROWS], int warps, float (*scratch)[32], int which) {
+  if constexpr (ROWS == 1) {
+    return group_sum(v[0], warps, scratch[which]);
+  } else {
+    return group_sum2(make_float2(v[0], v[1]), warps, scratch);
+  }
+}
+
+__device__ __forceinline__ float component(float v, int) { return v; }
+__device__ __forceinline__ float component(float2 v, int r) { return r == 0 ? v.x : v.y; }
 
 // ---------------------------------------------------------------------------------------
 // Forward, rows too long for fwd_rows_kernel: the row split over `ctas` CTAs (a thread
@@ -364,17 +381,27 @@ __device__ __forceinline__ float cluster_total(float v, float* slot, int ctas) {
 // computing it); a cluster of four CTAs of 256 threads 511 us (quarter rows of different rows
 // overlap on each SM). As the single CTA of shorter rows (ITERS = 8, <= 256 threads) it beats
 // fwd_rows_kernel from 256 vectors on (see launch_fwd).
+// ROWS = 2 (rows over a cluster, with a residual; see launch_fwd_split): a CTA serves the same
+// columns of two adjacent rows (ITERS vectors of each per thread, a cluster twice as large):
+// weight and bias are read and widened once per two rows, both rows' sums share each
+// reduction and cluster barrier, and x and the residual of a row take half the registers
+// (13-15% faster with a residual). Without one it is no faster, though at 65536 columns the
+// one-row kernel re-reads its part of weight and bias from L2 for every row (ncu, 4096x65536
+// bf16: L1 hit rate 11%, 1.07 GB of L2 reads for 0.54 GB of x; the kernel without weight and
+// bias 428 us against 477): L2 traffic is not what limits that shape.
 // Instructions (ncu, 16384x8192 bf16): 39 per element before the copies of the normalize phase
 // without per-vector branches and per-element defaults and the lane-parallel block sums, 33
 // after (211 vs 254 us under ncu; Triton's forward 31).
-template <typename T, typename PT, int ITERS, bool TANH>
-__global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
+template <typename T, typename PT, int ITERS, int ROWS, bool TANH>
+__global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8 ? 1 : 4)
     fwd_split_kernel(FwdParams p, int ctas, int iters) {
+  static_assert(ROWS == 1 || ROWS == 2, "one or two rows per CTA");
   constexpr int VEC = 16 / sizeof(T);
+  using V = std::conditional_t<ROWS == 1, float, float2>;
   __shared__ float scratch[2][32];
-  __shared__ float part[2];  // this CTA's sum and centered sum of squares (read by the cluster)
+  __shared__ V part[2];  // this CTA's sums and centered sums of squares (read by the cluster)
   const int t = threadIdx.x, warps = blockDim.x / 32;
-  const int64_t row = blockIdx.x / ctas;
+  const int64_t row0 = blockIdx.x / ctas * ROWS;
   const int n = p.n, nvec = n / VEC;
   // Threads [0, tpr) hold vectors t, t + tpr, ..., `iters` (<= ITERS, chosen by the host so
   // that tpr fills whole warps where it can) of this CTA's part; the CTA's last warp may have
@@ -382,66 +409,95 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
   const int tpr = ((nvec + ctas - 1) / ctas + iters - 1) / iters;
   const int base = (blockIdx.x % ctas) * iters * tpr;  // first vector of this CTA's part
   auto inside = [&](int i) { return i < iters && t < tpr && base + i * tpr + t < nvec; };
-  // This thread's vectors of a row of x or the residual (zeros past the row), evict-first.
-  auto fetch = [&](const void* src, int64_t stride, uint4 (&out)[ITERS]) {
-    const uint4* r = reinterpret_cast<const uint4*>(static_cast<const T*>(src) + row * stride);
+  // Rows past the end (the second of an odd last pair): read as zeros, never written.
+  auto row_ok = [&](int r) { return ROWS == 1 || row0 + r < p.rows; };
+  // This thread's vectors of the rows of x or the residual (zeros past them), evict-first.
+  auto fetch = [&](const void* src, int64_t stride, uint4 (&out)[ROWS][ITERS]) {
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      out[i] = inside(i) ? __ldcs(r + base + i * tpr + t) : make_uint4(0, 0, 0, 0);
+    for (int r = 0; r < ROWS; ++r) {
+      const uint4* rp = reinterpret_cast<const uint4*>(static_cast<const T*>(src) + (row0 + r) * stride);
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i)
+        out[r][i] = inside(i) && row_ok(r) ? __ldcs(rp + base + i * tpr + t) : make_uint4(0, 0, 0, 0);
     }
   };
 
-  uint4 px[ITERS];
+  uint4 px[ROWS][ITERS];
   fetch(p.x, p.x_stride, px);
   if (p.res) {
-    uint4 pr[ITERS];
+    uint4 pr[ROWS][ITERS];
     fetch(p.res, p.res_stride, pr);
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      const int vi = base + i * tpr + t;
-      Pack<T, VEC> h;
+    for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) h.v[j] = from_float<T>(widen<T>(px[i], j) + widen<T>(pr[i], j));
-      px[i] = *reinterpret_cast<const uint4*>(&h);
-      if (inside(i)) reinterpret_cast<uint4*>(static_cast<T*>(p.h) + row * n)[vi] = px[i];
-    }
+      for (int i = 0; i < ITERS; ++i) {
+        const int vi = base + i * tpr + t;
+        Pack<T, VEC> h;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) h.v[j] = from_float<T>(widen<T>(px[r][i], j) + widen<T>(pr[r][i], j));
+        px[r][i] = *reinterpret_cast<const uint4*>(&h);
+        if (inside(i) && row_ok(r)) reinterpret_cast<uint4*>(static_cast<T*>(p.h) + (row0 + r) * n)[vi] = px[r][i];
+      }
   }
-  float mean = 0.f;
+  float mean[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) mean[r] = 0.f;
   if (!p.rms) {
-    float sum = 0.f;
+    float sum[ROWS];
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i)
+    for (int r = 0; r < ROWS; ++r) {
+      sum[r] = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum += widen<T>(px[i], j);
-    mean = cluster_total(group_sum(sum, warps, scratch[0]), &part[0], ctas) / n;
+      for (int i = 0; i < ITERS; ++i)
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) opaque(px[i]);
+        for (int j = 0; j < VEC; ++j) sum[r] += widen<T>(px[r][i], j);
+    }
+    const V total = cluster_total(cta_total<ROWS>(sum, warps, scratch, 0), &part[0], ctas);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) mean[r] = component(total, r) / n;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) opaque(px[r][i]);
   }
   // A thread whose vectors all lie inside the row (every thread where the row fills its CTAs)
   // runs the loops below without a branch per vector (~3 SASS instructions each).
   const bool full = inside(iters - 1);
-  auto centered_squares = [&](auto all_inside) {
-    float ss = 0.f;
+  auto centered_squares = [&](auto all_inside, float (&ss)[ROWS]) {
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      if (decltype(all_inside)::value ? i >= iters : !inside(i)) continue;
+    for (int r = 0; r < ROWS; ++r) {
+      ss[r] = 0.f;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float d = widen<T>(px[i], j) - mean;
-        ss = fmaf(d, d, ss);
+      for (int i = 0; i < ITERS; ++i) {
+        if (decltype(all_inside)::value ? i >= iters : !inside(i)) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float d = widen<T>(px[r][i], j) - mean[r];
+          ss[r] = fmaf(d, d, ss[r]);
+        }
       }
     }
-    return ss;
   };
-  const float ss = full ? centered_squares(std::true_type{}) : centered_squares(std::false_type{});
-  const float rstd = rsqrtf(cluster_total(group_sum(ss, warps, scratch[1]), &part[1], ctas) / n + p.eps);
+  float ss[ROWS];
+  if (full)
+    centered_squares(std::true_type{}, ss);
+  else
+    centered_squares(std::false_type{}, ss);
+  const V ss_total = cluster_total(cta_total<ROWS>(ss, warps, scratch, 1), &part[1], ctas);
+  float rstd[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) rstd[r] = rsqrtf(component(ss_total, r) / n + p.eps);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // No CTA may exit while another still reads its `part`: arrive now, wait before exiting.
   if (ctas > 1) cluster_arrive_relaxed();  // publishes nothing
 #endif
   if (t == 0 && base == 0) {
-    p.mean[row] = mean;
-    p.rstd[row] = rstd;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (!row_ok(r)) continue;
+      p.mean[row0 + r] = mean[r];
+      p.rstd[row0 + r] = rstd[r];
+    }
   }
   // Three copies of this phase. With weight and bias (the common case) no per-element defaults
   // are selected (predicated MOVs in SASS, issued even where the branch is not taken); with
@@ -451,8 +507,9 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
     for (int i = 0; i < ITERS; ++i) {
       const int vi = base + i * tpr + t;
       if (decltype(all_inside)::value ? i >= iters : !inside(i)) continue;
-      opaque(px[i]);
-      float w[VEC], b[VEC], y[VEC];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) opaque(px[r][i]);
+      float w[VEC], b[VEC];
       if constexpr (decltype(with_wb)::value) {
         load_param_ordered<PT, VEC>(p.w, vi * VEC, w);
         load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
@@ -463,8 +520,14 @@ __global__ void __launch_bounds__(ITERS > 8 ? 512 : 256, ITERS > 8 ? 1 : 4)
         if (p.b) load_param_ordered<PT, VEC>(p.b, vi * VEC, b);
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) y[j] = gelu<TANH, T>(fmaf((widen<T>(px[i], j) - mean) * rstd, w[j], b[j]));
-      store_float<T, VEC>(static_cast<T*>(p.y) + row * n + vi * VEC, y);
+      for (int r = 0; r < ROWS; ++r) {
+        if (!row_ok(r)) continue;
+        float y[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          y[j] = gelu<TANH, T>(fmaf((widen<T>(px[r][i], j) - mean[r]) * rstd[r], w[j], b[j]));
+        store_float<T, VEC>(static_cast<T*>(p.y) + (row0 + r) * n + vi * VEC, y);
+      }
     }
   };
   if (p.w && p.b && full) {

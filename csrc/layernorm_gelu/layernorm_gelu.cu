@@ -258,6 +258,7 @@ int64_t launch_bwd_ring(BwdParams& p, int device, cudaStream_t stream, Alloc&& a
 // fwd_loop_kernel. (4 vectors per thread, 8 CTAs per 65536 row: 621 us vs 511 at 4096x65536.)
 constexpr int kSplitIters = 8, kSplitThreads = 256, kMaxCluster = 8;
 constexpr int kWideIters = 16, kWideThreads = 512;
+constexpr int kPairIters = 4;  // vectors per thread and row of the two-row split kernel
 
 // Vectors per thread of fwd_split_kernel<kSplitIters> for a CTA part of `part` vectors: the
 // largest of 8..4 that divides it into whole warps of at most kSplitThreads threads, else 8.
@@ -279,7 +280,7 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   int max_cluster = kMaxCluster;  // tuning and tests: DEEPKERN_LNG_FWD_CLUSTER (1: no clusters)
   if (const char* env = std::getenv("DEEPKERN_LNG_FWD_CLUSTER")) max_cluster = std::atoi(env);
   if (ctas == 1) {
-    lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>
+    lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>
         <<<p.rows, threads_for_part(nvec, iters), 0, stream>>>(p, 1, iters);
     return true;
   }
@@ -290,6 +291,32 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
 #else
   constexpr bool kClusterBuild = false;
 #endif
+  // Rows split over >= 2 CTAs with a residual: two rows per CTA where the cluster can double
+  // (see fwd_split_kernel). H100, bf16 with residual, one row / two rows per CTA, us:
+  // 16384x16392 1052 / 894, 16384x20000 1213 / 1051, 8192x32768 948 / 826, 4096x40000 617 /
+  // 534, 4096x65536 952 / 827 (fp16 951 / 827). Without a residual no gain (4096x65536 480 /
+  // 484, 8192x32768 459 / 453, 4096x40000 330 / 338, 16384x20480 563 / 570), so one row.
+  // DEEPKERN_LNG_FWD_PAIR=0|1 (tuning, tests): never / always where the cluster can double.
+  const char* pair_env = std::getenv("DEEPKERN_LNG_FWD_PAIR");
+  const bool pair = ctas >= 2 && (pair_env ? std::atoi(pair_env) != 0 : p.res != nullptr) &&
+                    2 * ctas <= std::min(max_cluster, kMaxCluster);
+  if (kClusterBuild && cc_major(device) == 9 && pair) {
+    const int ctas2 = 2 * ctas, part2 = (nvec + ctas2 - 1) / ctas2;
+    int iters2 = kPairIters;  // the largest of 4..2 that fills whole warps, else 4
+    for (int k = kPairIters; k >= 2; --k)
+      if (part2 % k == 0 && (part2 / k) % 32 == 0 && part2 / k <= kSplitThreads) {
+        iters2 = k;
+        break;
+      }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>((p.rows + 1) / 2 * ctas2));
+    cfg.blockDim = dim3(threads_for_part(part2, iters2));
+    cfg.stream = stream;
+    cudaLaunchAttribute attr;
+    set_cluster(cfg, attr, ctas2);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kPairIters, 2, TANH>, p, ctas2, iters2));
+    return true;
+  }
   if (kClusterBuild && cc_major(device) == 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
@@ -297,12 +324,12 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
     cfg.stream = stream;
     cudaLaunchAttribute attr;
     set_cluster(cfg, attr, ctas);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, TANH>, p, ctas, iters));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>, p, ctas, iters));
     return true;
   }
   if constexpr (sizeof(T) == 2) {
     if (nvec <= kWideIters * kWideThreads) {
-      lngelu::fwd_split_kernel<T, PT, kWideIters, TANH>
+      lngelu::fwd_split_kernel<T, PT, kWideIters, 1, TANH>
           <<<p.rows, threads_for_part(nvec, kWideIters), 0, stream>>>(p, 1, kWideIters);
       return true;
     }
