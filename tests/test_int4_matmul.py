@@ -452,6 +452,24 @@ def test_cuda_split_k(monkeypatch, splits, batch):
         _check_cuda_splits(5, 3, dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", ["auto", "1", "3"])
+def test_cuda_warp_k_split(monkeypatch, splits):
+    """The small-M kernel with its 4 warps on one 16-row block, each taking every 4th batch of
+    the split's K (DEEPKERN_INT4_KSPLIT=4): M 1..16 (one and two x tiles), ragged N and K,
+    group sizes, both batch depths, grid splits or none."""
+    monkeypatch.setenv("DEEPKERN_INT4_KSPLIT", "4")
+    if splits != "auto":
+        monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
+    for dtype in (torch.float16, torch.bfloat16):
+        _check_cuda_splits(5, 3, dtype)
+        for m in (1, 8, 13, 16):
+            _check(m, 77, 4096, 256, dtype=dtype, device="cuda", backend="cuda", bias=True)
+            _check(m, 13, 10944, 64, True, dtype=dtype, device="cuda", backend="cuda")
+    monkeypatch.setenv("DEEPKERN_INT4_BATCH", "2")
+    _check(2, 1000, 7392, 32, dtype=torch.float16, device="cuda", backend="cuda")
+
+
 def _check_cuda_splits(m_ragged, m, dtype):
     """The CUDA kernels under a forced split count: ragged N and K with an x-dtype bias, then
     an fp32 bias; the same bits on a second call."""

@@ -89,11 +89,18 @@ __device__ __forceinline__ void load_batch(const Params& p, int kb, int k_end, i
 // CTAs per SM the register budget is set for: 4 (<= 128 registers; 86-112 used on sm_90a).
 constexpr int kCtasPerSm = 4;
 
-template <typename T, typename S, bool HAS_ZEROS, int MT, int U>
+// KSPLIT = 1: the CTA's warps take 16 weight rows each (64 rows per CTA). KSPLIT = kWarps:
+// they share 16 rows and take every kWarps-th batch of the split's K steps, their sums added
+// in warp order through shared memory at the end (no fp32 partials for the K the CTA covers).
+template <int KSPLIT>
+constexpr int rows_per_cta() { return KSPLIT == 1 ? kRowsPerCta : 16; }
+
+template <typename T, typename S, bool HAS_ZEROS, int MT, int U, int KSPLIT>
 __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const Params p) {
-  const int lane = threadIdx.x & 31;
+  static_assert(KSPLIT == 1 || KSPLIT == kWarps, "warps split rows or K");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kRowsPerCta + (threadIdx.x >> 5) * 16 + g;
+  const int row0 = blockIdx.x * rows_per_cta<KSPLIT>() + (KSPLIT == 1 ? warp * 16 : 0) + g;
   const int row1 = row0 + 8;
   const bool ok0 = row0 < p.n, ok1 = row1 < p.n;
   const int k_begin = blockIdx.y * p.k_per_split;
@@ -106,8 +113,11 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
+  // This warp's first batch, and the stride between its batches.
+  const int k_first = k_begin + (KSPLIT == 1 ? 0 : warp * U * kChunkK);
+  constexpr int kStride = KSPLIT * U * kChunkK;
   Batch<S, U> cur, next;
-  load_batch<S, HAS_ZEROS, U>(p, k_begin, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
+  load_batch<S, HAS_ZEROS, U>(p, k_first, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, cur);
 
   // x [M, k_begin:k_end] staged in shared memory once, while the first weights are in
   // flight: read from global inside the loop, its L2 latency was paid twice per batch
@@ -126,9 +136,9 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
   }
   const T* xs = reinterpret_cast<const T*>(x_smem);
 
-  for (int kb = k_begin; kb < k_end; kb += U * kChunkK) {
-    if (kb + U * kChunkK < k_end)
-      load_batch<S, HAS_ZEROS, U>(p, kb + U * kChunkK, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, next);
+  for (int kb = k_first; kb < k_end; kb += kStride) {
+    if (kb + kStride < k_end)
+      load_batch<S, HAS_ZEROS, U>(p, kb + kStride, k_end, t, row0, ok0, ok1, w0_ptr, w1_ptr, next);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kc = kb + u * kChunkK + 32 * t;
@@ -166,6 +176,23 @@ __global__ void __launch_bounds__(32 * kWarps, kCtasPerSm) small_m_kernel(const 
     cur = next;
   }
 
+  if constexpr (KSPLIT > 1) {
+    // Warps 1.. hand their sums to warp 0, which adds them in warp order.
+    __shared__ float red[KSPLIT - 1][MT][4][32];
+    if (warp > 0)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][mt][i][lane] = acc[mt][i];
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int w = 0; w < KSPLIT - 1; ++w)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] += red[w][mt][i][lane];
+  }
   // acc[mt]: c0, c1 = (row0; x rows 8 mt + 2t, + 1), c2, c3 = (row1; same x rows).
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -211,12 +238,13 @@ int batch_steps(int mt) {
 // Otherwise a power of two (even splits) whose grid fills the resident CTA slots most evenly,
 // the fewest on ties (a mostly idle last wave costs more than partials).
 // DEEPKERN_INT4_SPLITS=N overrides (sweeps).
-int choose_splits(int n, int k, int m, int slots) {
+int choose_splits(int n, int k, int m, int slots, int ksplit) {
   const int k_steps = (k + kChunkK - 1) / kChunkK;
   const int min_splits = (k_steps + max_split_steps(m) - 1) / max_split_steps(m);
   if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) return std::max(min_splits, std::atoi(env));
-  if (m <= 4) return std::max(min_splits, (k_steps + batch_steps(1) - 1) / batch_steps(1));
-  const int ctas_n = (n + kRowsPerCta - 1) / kRowsPerCta;
+  const int per_cta = batch_steps(1) * ksplit;  // K steps of one batch per warp
+  if (m <= 4) return std::max(min_splits, (k_steps + per_cta - 1) / per_cta);
+  const int ctas_n = (n + kRowsPerCta / ksplit - 1) / (kRowsPerCta / ksplit);
   int best = min_splits;
   double best_eff = 0.0;
   for (int s = 1; s <= 16; s *= 2) {
@@ -228,26 +256,41 @@ int choose_splits(int n, int k, int m, int slots) {
   return std::max(best, min_splits);
 }
 
+// Warps per K split of the small-M kernel (1: warps split rows). DEEPKERN_INT4_KSPLIT=1|4.
+int ksplit_for(int m) {
+  if (const char* env = std::getenv("DEEPKERN_INT4_KSPLIT")) return std::atoi(env) == kWarps ? kWarps : 1;
+  (void)m;
+  return 1;
+}
+
 template <typename T, typename S, bool HAS_ZEROS, int MT>
-void launch(const Params& p, int splits, cudaStream_t stream) {
-  const dim3 grid((p.n + kRowsPerCta - 1) / kRowsPerCta, splits);
+void launch(const Params& p, int splits, int ksplit, cudaStream_t stream) {
   const size_t smem = MT == 1 ? static_cast<size_t>(p.m) * p.xs_stride * 2 : 0;  // <= kMaxXSmem
+  auto go = [&](auto kernel, int rows) {
+    kernel<<<dim3((p.n + rows - 1) / rows, splits), 32 * kWarps, smem, stream>>>(p);
+  };
   if constexpr (MT == 1) {
     if (batch_steps(MT) == 4) {
-      small_m_kernel<T, S, HAS_ZEROS, MT, 4><<<grid, 32 * kWarps, smem, stream>>>(p);
+      if (ksplit == kWarps)
+        go(small_m_kernel<T, S, HAS_ZEROS, MT, 4, kWarps>, rows_per_cta<kWarps>());
+      else
+        go(small_m_kernel<T, S, HAS_ZEROS, MT, 4, 1>, rows_per_cta<1>());
       return;
     }
   }
-  small_m_kernel<T, S, HAS_ZEROS, MT, 2><<<grid, 32 * kWarps, smem, stream>>>(p);
+  if (ksplit == kWarps)
+    go(small_m_kernel<T, S, HAS_ZEROS, MT, 2, kWarps>, rows_per_cta<kWarps>());
+  else
+    go(small_m_kernel<T, S, HAS_ZEROS, MT, 2, 1>, rows_per_cta<1>());
 }
 
 template <typename T, typename S>
-void launch_all(const Params& p, int splits, cudaStream_t stream) {
+void launch_all(const Params& p, int splits, int ksplit, cudaStream_t stream) {
   const bool z = p.zeros != nullptr;
   if (p.m <= 8)
-    z ? launch<T, S, true, 1>(p, splits, stream) : launch<T, S, false, 1>(p, splits, stream);
+    z ? launch<T, S, true, 1>(p, splits, ksplit, stream) : launch<T, S, false, 1>(p, splits, ksplit, stream);
   else
-    z ? launch<T, S, true, 2>(p, splits, stream) : launch<T, S, false, 2>(p, splits, stream);
+    z ? launch<T, S, true, 2>(p, splits, ksplit, stream) : launch<T, S, false, 2>(p, splits, ksplit, stream);
 }
 
 }  // namespace int4mm
@@ -309,11 +352,12 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
   const at::Tensor scales = small || scales_in.scalar_type() != at::kFloat
                                 ? scales_in.contiguous()
                                 : scales_in.to(x.scalar_type()).contiguous();
-  int splits = 1, k_per_split = 0;
+  int splits = 1, k_per_split = 0, ksplit = 1;
   TilePlan plan;
   if (small) {
     const int slots = kCtasPerSm * num_sms(device);
-    const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots);
+    ksplit = ksplit_for(static_cast<int>(m));
+    const int splits_wanted = choose_splits(static_cast<int>(n), static_cast<int>(k), static_cast<int>(m), slots, ksplit);
     const int k_steps = static_cast<int>((k + kChunkK - 1) / kChunkK);
     const int per_split = (k_steps + splits_wanted - 1) / splits_wanted;
     splits = (k_steps + per_split - 1) / per_split;
@@ -359,9 +403,9 @@ at::Tensor int4_matmul(const at::Tensor& x_in, const at::Tensor& packed, const a
       launch_tile<T>(p, plan, stream, device);
     } else {
       switch (scales.scalar_type()) {
-        case at::kHalf: launch_all<T, __half>(p, splits, stream); break;
-        case at::kBFloat16: launch_all<T, __nv_bfloat16>(p, splits, stream); break;
-        default: launch_all<T, float>(p, splits, stream); break;
+        case at::kHalf: launch_all<T, __half>(p, splits, ksplit, stream); break;
+        case at::kBFloat16: launch_all<T, __nv_bfloat16>(p, splits, ksplit, stream); break;
+        default: launch_all<T, float>(p, splits, ksplit, stream); break;
       }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
