@@ -245,6 +245,14 @@ int choose_splits(int n, int k, int m, int slots, int ksplit) {
   const int per_cta = batch_steps(1) * ksplit;  // K steps of one batch per warp
   if (m <= 4) return std::max(min_splits, (k_steps + per_cta - 1) / per_cta);
   const int ctas_n = (n + kRowsPerCta / ksplit - 1) / (kRowsPerCta / ksplit);
+  if (ksplit > 1 && m > 8) {
+    // No splits (no fp32 partials, no second kernel) while the 16-row CTAs cover every SM:
+    // the fewest splits that do (see ksplit_for; the wave rule below chose 2 at the shapes
+    // measured, slower on 3 of 5).
+    int s = std::max(1, min_splits);
+    while (static_cast<int64_t>(ctas_n) * s < slots / kCtasPerSm && k_steps / (2 * s) >= 4) s *= 2;
+    return s;
+  }
   int best = min_splits;
   double best_eff = 0.0;
   for (int s = 1; s <= 16; s *= 2) {
@@ -256,11 +264,15 @@ int choose_splits(int n, int k, int m, int slots, int ksplit) {
   return std::max(best, min_splits);
 }
 
-// Warps per K split of the small-M kernel (1: warps split rows). DEEPKERN_INT4_KSPLIT=1|4.
+// Warps per K split of the small-M kernel (1: warps split rows): kWarps for two x tiles
+// (M > 8). H100, CUDA graphs, fp16, us, warps on rows (auto splits) / on K (auto splits, the
+// rule below) at M = 16: 4096x4096 17.3 / 16.4, 14.4; 4096x14336 34.2 / 37.3, 31.7; 8192x8192
+// 34.6 / 29.9, 29.9; 8192x28672 102.1 / 97.3, 100.0; 14336x4096 30.4 / 30.2, 30.9. At M <= 8
+// (one x tile, staged in shared memory) warps on K were slower everywhere (8192x8192 M=1 23.1
+// vs 26.5-28.6, M=8 31.6 vs 44.2-46.4). DEEPKERN_INT4_KSPLIT=1|4 overrides (tests, sweeps).
 int ksplit_for(int m) {
   if (const char* env = std::getenv("DEEPKERN_INT4_KSPLIT")) return std::atoi(env) == kWarps ? kWarps : 1;
-  (void)m;
-  return 1;
+  return m > 8 ? kWarps : 1;
 }
 
 template <typename T, typename S, bool HAS_ZEROS, int MT>
