@@ -204,7 +204,7 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
 
 // Kernels for M > 16. plan_tile (tile.cu) picks the kernel, its CTA tile and the K splits;
 // launch_tile runs it (16-bit scales; `p.part` as the plan says): tile_kernel
-// (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; config 2).
+// (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; configs 2, 3).
 struct TilePlan {
   int config = 0;  // 0, 1: tile.cu's tiles; 2, 3: wgmma_kernel with 128 / 256 x rows
   int ctas_n = 0, ctas_m = 0;  // grid: weight-row tiles x x-row tiles x splits

@@ -20,8 +20,8 @@
 // into registers (L2 hits; 4 rows x (2 + 1) bytes per step). Scales in the other 16-bit
 // dtype are rounded to x's there (fp32 ones by the op entry, per call), so the fed weight is
 // Int4Weight.dequantize(x.dtype) bit for bit when the scales have x's dtype, within one
-// rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed in split order by sum_splits_kernel, deterministic as
-// in the small-M kernel.
+// rounding of the scale otherwise (as in the small-M kernel). Split-K: fp32 partials summed
+// in split order by sum_splits_kernel, deterministic as in the small-M kernel.
 //
 // Speed (H100): faster than the Triton tiles only up to M ~ 32 (measurements above the tile
 // configs; `auto` uses it there). mma.sync at 2 warps per scheduler leaves the tensor pipe
@@ -248,9 +248,10 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 
 }  // namespace
 
-// Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2 overrides, sweeps; 2 = wgmma where supported); splits of K (DEEPKERN_INT4_SPLITS
-// overrides) only while the tiles alone leave resident CTA slots empty: a power of two whose
-// grid fills the slots most evenly, the fewest on ties, >= 4 K steps per split.
+// Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2|3 overrides, sweeps; 2, 3 = wgmma where
+// supported, else 1); splits of K (DEEPKERN_INT4_SPLITS overrides) only while the tiles alone
+// leave resident CTA slots empty: a power of two whose grid fills the slots most evenly, the
+// fewest on ties, >= 4 K steps per split.
 TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
   const bool wgmma = wgmma_supported(device, group_shift) && k < kWgmmaMaxStride;
