@@ -19,7 +19,6 @@
 // a fixed order, so the result has the same bits run to run.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -337,22 +336,73 @@ __device__ __forceinline__ void load_param_ordered(const void* base, int col, fl
 __device__ __forceinline__ float add(float a, float b) { return a + b; }
 __device__ __forceinline__ float2 add(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
 
-// Row total of a per-CTA value (float, or float2: two rows) over the `ctas` CTAs (one thread
-// cluster) that share a row: each CTA publishes its value in `slot`, then every thread adds
-// all of them in rank order (the same bits in every CTA). Distributed shared memory, sm_90+.
+// Row totals of a per-CTA value (float, or float2: two rows) over the `ctas` CTAs of a thread
+// cluster (sm_90+) without cluster barriers: each CTA pushes its value into a slot of every
+// CTA (st.async into distributed shared memory, the bytes counted on the receiver's
+// mbarrier) and waits on its own mbarrier (an acquire at CTA scope), then every thread adds
+// the slots in rank order (the same bits in every CTA). One cluster barrier per CTA, after
+// the mbarriers are initialized; none at exit: a CTA finishes only after every push to it
+// landed, so no push can target an exited CTA. Every barrier.cluster.wait is followed by an
+// L1 invalidation (CCTL.IVALL in sm_90a SASS), and with barriers (a publish and a wait per
+// row sum, one more before exit) the weight/bias re-reads of long rows missed L1 (ncu,
+// 4096x65536 bf16: 11% hit rate). H100 bf16, one row per CTA, barriers vs this, us, the same
+// bits: 4096x65536 481 / 463, 8192x32768 463 / 436, 16384x20480 562 / 538, 2048x131072 510 /
+// 492; two rows per CTA (residual) within 0.5% either way (4096x65536 830 / 826).
 template <typename V>
-__device__ __forceinline__ V cluster_total(V v, V* slot, int ctas) {
-  if (ctas == 1) return v;
+struct ClusterSums {
+  uint64_t bar[2];             // one per use (sums, centered squares), each completes once
+  V slot[2][kMaxClusterRing];  // by use, by source rank
+};
+
+template <typename V>
+__device__ __forceinline__ void cluster_sums_init(ClusterSums<V>& x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (threadIdx.x == 0) *slot = v;
-  cluster_publish(threadIdx.x == 0);
-  V total = *cluster.map_shared_rank(slot, 0);
-  for (int r = 1; r < ctas; ++r) total = add(total, *cluster.map_shared_rank(slot, r));
-  return total;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(&x.bar[q]))));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #else
   __trap();  // the host launches clusters only on sm_90+
+#endif
+}
+
+// Use q (0 or 1) of `x`: the total of v over the cluster's `ctas` CTAs; `rank` is this CTA's.
+template <typename V>
+__device__ __forceinline__ V cluster_total(V v, ClusterSums<V>& x, int q, int ctas, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(&x.bar[q]));
+  if (threadIdx.x == 0)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(static_cast<uint32_t>(ctas * sizeof(V)))
+                 : "memory");
+  if (static_cast<int>(threadIdx.x) < ctas) {  // thread r pushes to CTA r
+    const uint32_t mine = static_cast<uint32_t>(__cvta_generic_to_shared(&x.slot[q][rank]));
+    uint32_t rslot, rbar;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rslot) : "r"(mine), "r"(threadIdx.x));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(bar), "r"(threadIdx.x));
+    if constexpr (std::is_same_v<V, float>) {
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(rslot), "f"(v), "r"(rbar)
+                   : "memory");
+    } else {
+      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(rslot),
+                   "f"(v.x), "f"(v.y), "r"(rbar)
+                   : "memory");
+    }
+  }
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar)
+                 : "memory");
+  V total = x.slot[q][0];
+  for (int r = 1; r < ctas; ++r) total = add(total, x.slot[q][r]);
+  return total;
+#else
+  __trap();
   return v;
 #endif
 }
@@ -384,22 +434,24 @@ __device__ __forceinline__ float component(float2 v, int r) { return r == 0 ? v.
 // ROWS = 2 (rows over a cluster, with a residual; see launch_fwd_split): a CTA serves the same
 // columns of two adjacent rows (ITERS vectors of each per thread, a cluster twice as large):
 // weight and bias are read and widened once per two rows, both rows' sums share each
-// reduction and cluster barrier, and x and the residual of a row take half the registers
+// reduction and cluster exchange, and x and the residual of a row take half the registers
 // (13-15% faster with a residual). Without one it is no faster, though at 65536 columns the
 // one-row kernel re-reads its part of weight and bias from L2 for every row (ncu, 4096x65536
 // bf16: L1 hit rate 11%, 1.07 GB of L2 reads for 0.54 GB of x; the kernel without weight and
 // bias 428 us against 477): L2 traffic is not what limits that shape.
+// MIN_CTAS: CTAs per SM in the launch bounds (0: 4, or 1 past 8 vectors per thread and row;
+// see launch_fwd_split for where 3 is faster).
 // Instructions (ncu, 16384x8192 bf16): 39 per element before the copies of the normalize phase
 // without per-vector branches and per-element defaults and the lane-parallel block sums, 33
 // after (211 vs 254 us under ncu; Triton's forward 31).
-template <typename T, typename PT, int ITERS, int ROWS, bool TANH>
-__global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8 ? 1 : 4)
+template <typename T, typename PT, int ITERS, int ROWS, bool TANH, int MIN_CTAS = 0>
+__global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, MIN_CTAS ? MIN_CTAS : (ITERS * ROWS > 8 ? 1 : 4))
     fwd_split_kernel(FwdParams p, int ctas, int iters) {
   static_assert(ROWS == 1 || ROWS == 2, "one or two rows per CTA");
   constexpr int VEC = 16 / sizeof(T);
   using V = std::conditional_t<ROWS == 1, float, float2>;
   __shared__ float scratch[2][32];
-  __shared__ V part[2];  // this CTA's sums and centered sums of squares (read by the cluster)
+  __shared__ ClusterSums<V> sums;  // the cluster's row sums (ctas > 1)
   const int t = threadIdx.x, warps = blockDim.x / 32;
   const int64_t row0 = blockIdx.x / ctas * ROWS;
   const int n = p.n, nvec = n / VEC;
@@ -424,6 +476,10 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8
 
   uint4 px[ROWS][ITERS];
   fetch(p.x, p.x_stride, px);
+  if (ctas > 1) cluster_sums_init(sums);
+  auto total_of = [&](V v, int q) {
+    return ctas > 1 ? cluster_total(v, sums, q, ctas, static_cast<int>(blockIdx.x % ctas)) : v;
+  };
   if (p.res) {
     uint4 pr[ROWS][ITERS];
     fetch(p.res, p.res_stride, pr);
@@ -452,7 +508,7 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8
 #pragma unroll
         for (int j = 0; j < VEC; ++j) sum[r] += widen<T>(px[r][i], j);
     }
-    const V total = cluster_total(cta_total<ROWS>(sum, warps, scratch, 0), &part[0], ctas);
+    const V total = total_of(cta_total<ROWS>(sum, warps, scratch, 0), 0);
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) mean[r] = component(total, r) / n;
 #pragma unroll
@@ -483,14 +539,10 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8
     centered_squares(std::true_type{}, ss);
   else
     centered_squares(std::false_type{}, ss);
-  const V ss_total = cluster_total(cta_total<ROWS>(ss, warps, scratch, 1), &part[1], ctas);
+  const V ss_total = total_of(cta_total<ROWS>(ss, warps, scratch, 1), 1);
   float rstd[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rstd[r] = rsqrtf(component(ss_total, r) / n + p.eps);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // No CTA may exit while another still reads its `part`: arrive now, wait before exiting.
-  if (ctas > 1) cluster_arrive_relaxed();  // publishes nothing
-#endif
   if (t == 0 && base == 0) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -537,9 +589,6 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, ITERS * ROWS > 8
   } else {
     affine_gelu(std::false_type{}, std::false_type{});
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ctas > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
 }
 
 // ---------------------------------------------------------------------------------------

@@ -279,9 +279,17 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   const int part = (nvec + ctas - 1) / ctas, iters = split_iters(part);
   int max_cluster = kMaxCluster;  // tuning and tests: DEEPKERN_LNG_FWD_CLUSTER (1: no clusters)
   if (const char* env = std::getenv("DEEPKERN_LNG_FWD_CLUSTER")) max_cluster = std::atoi(env);
+  // One row per CTA: launch bounds of 4 CTAs per SM (64 registers, ~116 bytes of spills) or 3
+  // (80 registers, none). H100 bf16, us, 4 / 3: 16384x8192 206 / 196, 8192x12288 156 / 152,
+  // 16384x4096 110 / 106, 8192x32768 (2 CTAs per row) 442 / 427; but 32768x5120 (5 vectors per
+  // thread, 128 threads) 253 / 261, 16384x20480 (5 per thread, 2 CTAs) 538 / 546, 4096x65536 (4
+  // CTAs) 466 / 473, 2048x131072 (8 CTAs) 492 / 510. So 3 for full parts over at most 2 CTAs.
+  auto one_row = [&]() {
+    return iters == kSplitIters && ctas <= 2 ? lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH, 3>
+                                             : lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>;
+  };
   if (ctas == 1) {
-    lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>
-        <<<p.rows, threads_for_part(nvec, iters), 0, stream>>>(p, 1, iters);
+    one_row()<<<p.rows, threads_for_part(nvec, iters), 0, stream>>>(p, 1, iters);
     return true;
   }
   // Clusters only where the sm_90a code runs: the kernel's cluster code is compiled for
@@ -300,31 +308,28 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   const char* pair_env = std::getenv("DEEPKERN_LNG_FWD_PAIR");
   const bool pair = ctas >= 2 && (pair_env ? std::atoi(pair_env) != 0 : p.res != nullptr) &&
                     2 * ctas <= std::min(max_cluster, kMaxCluster);
-  if (kClusterBuild && cc_major(device) == 9 && pair) {
-    const int ctas2 = 2 * ctas, part2 = (nvec + ctas2 - 1) / ctas2;
-    int iters2 = kPairIters;  // the largest of 4..2 that fills whole warps, else 4
-    for (int k = kPairIters; k >= 2; --k)
-      if (part2 % k == 0 && (part2 / k) % 32 == 0 && part2 / k <= kSplitThreads) {
-        iters2 = k;
-        break;
-      }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((p.rows + 1) / 2 * ctas2));
-    cfg.blockDim = dim3(threads_for_part(part2, iters2));
-    cfg.stream = stream;
-    cudaLaunchAttribute attr;
-    set_cluster(cfg, attr, ctas2);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kPairIters, 2, TANH>, p, ctas2, iters2));
-    return true;
-  }
   if (kClusterBuild && cc_major(device) == 9 && ctas <= std::min(max_cluster, kMaxCluster)) {
+    const int rows_per_cta = pair ? 2 : 1, cluster = rows_per_cta * ctas;
+    int cta_part = part, cta_iters = iters;
+    if (pair) {  // the largest of 4..2 vectors per thread that fills whole warps, else 4
+      cta_part = (nvec + cluster - 1) / cluster;
+      cta_iters = kPairIters;
+      for (int k = kPairIters; k >= 2; --k)
+        if (cta_part % k == 0 && (cta_part / k) % 32 == 0 && cta_part / k <= kSplitThreads) {
+          cta_iters = k;
+          break;
+        }
+    }
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * ctas));
-    cfg.blockDim = dim3(threads_for_part(part, iters));
+    cfg.gridDim = dim3(static_cast<unsigned>((p.rows + rows_per_cta - 1) / rows_per_cta * cluster));
+    cfg.blockDim = dim3(threads_for_part(cta_part, cta_iters));
     cfg.stream = stream;
     cudaLaunchAttribute attr;
-    set_cluster(cfg, attr, ctas);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>, p, ctas, iters));
+    set_cluster(cfg, attr, cluster);
+    if (pair)
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lngelu::fwd_split_kernel<T, PT, kPairIters, 2, TANH>, p, cluster, cta_iters));
+    else
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, one_row(), p, cluster, cta_iters));
     return true;
   }
   if constexpr (sizeof(T) == 2) {

@@ -30,37 +30,6 @@ __device__ __forceinline__ void cluster_barrier() {
 #endif
 }
 
-// A cluster barrier that publishes values written to this CTA's shared memory to the other
-// CTAs of the cluster, which then read them through distributed shared memory. The plain
-// barrier.cluster.arrive (release) is a MEMBAR.ALL.GPU in every thread (SASS, sm_90): it also
-// waits for the thread's outstanding global stores (the previous row's output). Here only
-// `writer` threads fence, and only their own CTA's shared memory (release restricted to
-// shared::cta, a CTA-scope MEMBAR), everyone arrives relaxed, and readers acquire restricted
-// to shared::cluster. Used by the forward's cluster_total (kernels.cuh): H100 bf16, outputs
-// bitwise equal to the plain barrier's, 4096x65536 474 vs 510 us (2048x131072 504 vs 540,
-// 8192x32768 470 vs 484). Not in bwd_ring_kernel: ring_row_sum pulling the peers' totals
-// after it (16 remote loads per thread with 16 CTAs) was no faster at 4096x65536 (870 vs
-// 855 us), 1071 vs 1012 at 2048x131072, and the extra code alone slowed the single-CTA rows
-// (32768x5120 486 vs 422 us).
-__device__ __forceinline__ void cluster_publish(bool writer) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (writer) asm volatile("fence.release.sync_restrict::shared::cta.cluster;\n" ::: "memory");
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
-#else
-  __trap();  // the host launches clusters only on sm_90+
-#endif
-}
-
-// Arrival that only keeps this CTA's shared memory alive for the cluster (publishes nothing):
-// pair with a barrier.cluster.wait before the CTA exits.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#endif
-}
-
 // Sum of (a, b) over a warp in 5 shuffles instead of 10: the first step swaps halves, so
 // lanes 0-15 go on summing a and lanes 16-31 b. Lanes 0-15 return the total of a, lanes 16-31
 // that of b (the same bits in every lane of a half: each step adds the same two values).
