@@ -21,6 +21,8 @@
 // The result store and the split-K sum are tile.cu's (common.cuh).
 
 #include <c10/cuda/CUDAException.h>
+#include <cuda.h>  // CUtensorMap (encoded on the host through the runtime's driver entry point)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -323,6 +325,236 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// EXPERIMENT (session n): warp-specialized variant of configs 2 and 3. A producer warpgroup
+// fills a ring by TMA (one thread: per K step two 64-wide slabs of x with the 128-byte
+// swizzle desc_k128 reads, and the 128 weight rows' 64 bytes with the 64-byte swizzle: 16-byte
+// chunk c of row r at c ^ ((r >> 1) & 3), so the 8 rows of an LDS.128 phase still hit 8 bank
+// groups) and one warp stores the stage's scales and zero points in shared memory. Stages are
+// handed over by mbarriers (full: TMA bytes landed and constants stored; empty: both consumer
+// warpgroups' wgmmas of that stage retired), with no CTA barrier in the loop. Registers:
+// producer 40, consumers 232 (setmaxnreg).
+constexpr int kWsThreads = 384;
+
+// The TMA ring for BM rows of x per CTA (128 or 256).
+template <int BM>
+struct WsRing {
+  static constexpr int kStages = BM == 128 ? 5 : 3;  // 5 x 40 KB, 3 x 72 KB
+  static constexpr int kXSlab = BM * 128;            // one 64-wide K slab of x
+  static constexpr int kStageBytes = 2 * kXSlab + kWgmmaBN * 64;
+  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring
+  static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of the swizzle");
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  uint32_t done = 0;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(smem_u32(bar)), "r"(parity)
+                 : "memory");
+  } while (!done);
+#endif
+}
+// The 2-D box at (inner, outer) of `map` into `dst`, its bytes counted on `bar`.
+__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int inner, int outer, uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+template <typename T, typename S, bool HAS_ZEROS, int DEPTH, int BM>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    wgmma_ws_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using R = WsRing<BM>;
+  constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kStageBytes = R::kStageBytes;
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ uint64_t full[kStages], empty[kStages];
+  __shared__ uint32_t consts[kStages][kWgmmaBN];  // by stage and weight row: scale bits | zero << 16
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * BM;
+  const int k_begin = blockIdx.z * p.k_per_split;
+  const int k_end = min(p.k, k_begin + p.k_per_split);
+  const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&full[i], 1 + 32);  // the TMA thread (with its bytes) and the constants' warp
+      mbar_init(&empty[i], 2);       // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      for (int step = 0; step < steps; ++step) {
+        const int st = step % kStages;
+        if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
+        uint8_t* dst = smem + st * kStageBytes;
+        const int kb = k_begin + step * kChunkK;
+        mbar_expect_tx(&full[st], kStageBytes);
+        tma_2d(dst, &xmap, kb, m0, &full[st]);
+        tma_2d(dst + kXSlab, &xmap, kb + 64, m0, &full[st]);
+        tma_2d(dst + 2 * kXSlab, &wmap, kb / 8, n0, &full[st]);
+      }
+    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {
+      // The stage's scales and zero points: loaded up to kStages - 1 steps before their use.
+      const int lane = threadIdx.x - 32;
+      for (int step = 0; step < steps; ++step) {
+        const int st = step % kStages;
+        if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
+        const int kb = k_begin + step * kChunkK;
+        const int64_t gbase = static_cast<int64_t>(p.group_shift >= 0 ? kb >> p.group_shift : 0) * p.n;
+#pragma unroll
+        for (int i = 0; i < kWgmmaBN / 32; ++i) {
+          const int n = n0 + lane + 32 * i;
+          const bool ok = n < p.n;
+          const uint32_t sb = ok ? scale_bits<T, S>(p, gbase + n) : 0u;
+          const uint32_t z = HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u;
+          consts[st][lane + 32 * i] = sb | z << 16;
+        }
+        mbar_arrive(&full[st]);  // release: the consumers' wait (acquire) sees the stores
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int ct = threadIdx.x - 128;  // consumer thread: warpgroup ct / 128, 64 weight rows each
+  const int lane = ct & 31, warp = ct >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row_a = 16 * warp + g;  // and row_a + 8 (the same 64-byte swizzle phase)
+  const int wsw = (row_a >> 1) & 3;
+
+  float acc[BM / 2];
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+  uint32_t a[DEPTH][4];
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0u;
+  const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
+
+  for (int step = 0; step < steps; ++step) {
+    const int st = step % kStages;
+    mbar_wait(&full[st], (step / kStages) & 1);
+    ByteDequant<T> da, db;
+    const uint32_t ca = consts[st][row_a], cb = consts[st][row_a + 8];
+    da.init(ca & 0xFFFFu, ca >> 16);
+    db.init(cb & 0xFFFFu, cb >> 16);
+    const uint8_t* xs = smem + st * kStageBytes;
+    const uint8_t* ws = xs + 2 * kXSlab;
+    const uint32_t x_addr = smem_u32(xs);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const uint4 wa = *reinterpret_cast<const uint4*>(ws + row_a * 64 + 16 * (u ^ wsw));
+      const uint4 wb = *reinterpret_cast<const uint4*>(ws + (row_a + 8) * 64 + 16 * (u ^ wsw));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * u + h;
+        uint32_t(&ar)[4] = a[s % DEPTH];
+        ar[0] = da(h ? wa.z : wa.x, sel);
+        ar[1] = db(h ? wb.z : wb.x, sel);
+        ar[2] = da(h ? wa.w : wa.y, sel);
+        ar[3] = db(h ? wb.w : wb.y, sel);
+        wgmma_fence();
+        wgmma_n<T, BM>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
+        wgmma_commit();
+        wgmma_wait<DEPTH - 1>();
+        keep(a[(s + 1) % DEPTH]);
+        // At most DEPTH - 1 slices of this step are in flight now: the previous step's are
+        // done, so its stage goes back to the producers.
+        if (s == DEPTH - 2 && step > 0 && (ct & 127) == 0) mbar_arrive(&empty[(step - 1) % kStages]);
+      }
+    }
+  }
+  wgmma_wait<0>();
+  fence_acc<BM / 2>(acc);
+
+#pragma unroll
+  for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = n0 + row_a + (i >= 2 ? 8 : 0);
+      const int m = m0 + 8 * j + 2 * t + (i & 1);
+      if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
+    }
+#else
+  __trap();  // the host launches this kernel only on sm_90a code
+#endif
+}
+
+// A 2-D tensor map (row-major, `row_bytes` apart) with boxes of box_inner x box_outer;
+// out-of-range parts of a box read zeros.
+CUtensorMap encode_map(const void* base, CUtensorMapDataType type, uint64_t inner, uint64_t outer, uint64_t row_bytes,
+                       uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  using Encode = PFN_cuTensorMapEncodeTiled_v12000;
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status));
+    TORCH_CHECK(fn != nullptr && status == cudaDriverEntryPointSuccess,
+                "int4_matmul (cuda): cuTensorMapEncodeTiled is not available from the driver");
+    return reinterpret_cast<Encode>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {inner, outer};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_inner, box_outer};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "int4_matmul (cuda): cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return map;
+}
+
+// Whether wgmma_ws_kernel can take these operands (TMA: 16-byte aligned bases and row strides).
+bool ws_ok(const Params& p) {
+  return reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.x_stride * 2) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 && (p.kw * 4) % 16 == 0;
+}
+
+template <typename T, typename S, bool HAS_ZEROS, int BM>
+void launch_ws(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
+  auto kernel = wgmma_ws_kernel<T, S, HAS_ZEROS, 4, BM>;
+  static std::array<std::atomic<bool>, 64> prepared{};
+  std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
+  if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WsRing<BM>::kSmem));
+    if (flag != nullptr) flag->store(true, std::memory_order_release);
+  }
+  // x [M, K] 16-bit in boxes of 64 x BM rows; the packed weight [N, K / 8] int32 in boxes of
+  // 16 words x 128 rows.
+  const CUtensorMap xmap = encode_map(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, p.k, p.m, p.x_stride * 2, 64, BM,
+                                      CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap wmap = encode_map(p.packed, CU_TENSOR_MAP_DATA_TYPE_INT32, p.kw, p.n, p.kw * 4, 16, kWgmmaBN,
+                                      CU_TENSOR_MAP_SWIZZLE_64B);
+  const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
+  kernel<<<grid, kWsThreads, WsRing<BM>::kSmem, stream>>>(xmap, wmap, p);
+}
+
 template <typename T, typename S, bool HAS_ZEROS, int BM>
 void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, BM>;
@@ -338,7 +570,13 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
 
 template <typename T, typename S, bool HAS_ZEROS>
 void launch_bm(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  if (plan.config == 3)
+  const char* ws_e = std::getenv("DEEPKERN_INT4_WS");  // EXPERIMENT (session n): DEEPKERN_INT4_WS=1
+  const bool ws_env = ws_e != nullptr && std::atoi(ws_e) == 1;
+  if (plan.config == 3 && ws_env && ws_ok(p))
+    launch_ws<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
+  else if (ws_env && ws_ok(p))
+    launch_ws<T, S, HAS_ZEROS, 128>(p, plan, stream, device);
+  else if (plan.config == 3)
     launch_one<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
   else
     launch_one<T, S, HAS_ZEROS, 128>(p, plan, stream, device);
