@@ -582,8 +582,8 @@ def test_cuda_tile_exact_and_layouts():
 
 
 def test_auto_order(monkeypatch):
-    """auto: CUDA first up to M=32, Triton beyond, CUDA again from M=256 where the wgmma kernel
-    runs (Hopper, groups >= 128 or channelwise)."""
+    """auto: CUDA first up to M=32; beyond, CUDA where the wgmma kernel runs (Hopper, groups
+    >= 128 or channelwise), else Triton."""
     import importlib
 
     op = importlib.import_module("deepkern.ops.int4_matmul")
@@ -592,9 +592,9 @@ def test_auto_order(monkeypatch):
         monkeypatch.setattr(op, "_wgmma_device", lambda device, w=wgmma: w)
         assert op._auto_order(1, dev, 4096, 128)[0] == "cuda"
         assert op._auto_order(32, dev, 4096, 128)[0] == "cuda"
-        assert op._auto_order(33, dev, 4096, 128)[0] == "triton"
-        assert op._auto_order(255, dev, 4096, 128)[0] == "triton"
-        assert op._auto_order(256, dev, 4096, 128)[0] == ("cuda" if wgmma else "triton")
+        assert op._auto_order(33, dev, 4096, 128)[0] == ("cuda" if wgmma else "triton")
+        assert op._auto_order(255, dev, 4096, 128)[0] == ("cuda" if wgmma else "triton")
+        assert op._auto_order(33, dev, 4096, 64)[0] == "triton"  # groups < 128: no wgmma kernel
         assert op._auto_order(4096, dev, 4096, 4096)[0] == ("cuda" if wgmma else "triton")  # channelwise
         assert op._auto_order(4096, dev, 4096, 64)[0] == "triton"  # groups < 128: no wgmma kernel
 

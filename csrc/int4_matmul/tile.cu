@@ -255,9 +255,12 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
   const bool wgmma = wgmma_supported(device, group_shift) && k < kWgmmaMaxStride;
-  // wgmma (H100, fp16, us, M = 128 / 256): 128 x rows 70.8 / 112.3 at 8192x8192, 217 / 421 at
-  // 8192x28672; 256 x rows 89.4 / 91.8, 296 / 291; tile 1 78.2 / 138.0, 312 / 490.
-  plan.config = m <= 64 ? 0 : !wgmma ? 1 : m <= 128 ? 2 : 3;
+  // wgmma kernel (H100, fp16, CUDA graphs, us), 128 / 256 x rows, at 8192x8192 / 8192x28672 /
+  // 4096x4096 / 14336x4096 / 4096x14336: M=64 45.8 / 146 / 20.3 / 40.4 / 66.1 (tile 0: 54.5 /
+  // 184 / 23.3 / 48.8 / 55.2); M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 (256 rows: 62.6 / 244 /
+  // 25.5 / 51.1 / 100); M=256 74.2 / 278 / 31.2 / 71.4 / 79.6 (256 rows: 62.6 / 198 / 28.2 /
+  // 54.5 / 137). 4096x14336 is the outlier (one wave of 112 CTAs; not understood yet).
+  plan.config = m <= 32 || (!wgmma && m <= 64) ? 0 : !wgmma ? 1 : m <= 128 ? 2 : 3;
   if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
     plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + 1);
     if (plan.config >= 2 && !wgmma) plan.config = 1;

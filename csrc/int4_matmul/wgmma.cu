@@ -1,25 +1,33 @@
-// INT4 GEMM for large M on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
-// two warpgroups over 128 weight rows (64 each) x BM rows of x (128, or 256 past M = 128),
+// INT4 GEMM for M > 32 on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
+// three warpgroups over 128 weight rows x BM rows of x (128 up to M = 128, else 256),
 // y^T tile = W tile @ x tile^T.
 //
-// The weight is wgmma's register operand (A). Per K step of 128, each lane reads its two
-// weight rows' 64 bytes from shared memory (80-byte rows: the 8 rows of an LDS.128 phase hit 8
-// different bank groups) and, per k16 slice, dequantizes byte t of words 2s and 2s + 1 (codes
-// 2t, 2t + 1 and 2t + 8, 2t + 9: the mma.m16n8k16 A fragment layout, which each warp of a
-// warpgroup supplies for its 16 rows): a PRMT puts byte t in both halves, one LOP3 makes
-// the halves 1024 + q and 1024 + 16 q (fp16; bf16: 128 + q from a PRMT of w and w >> 4), an
-// HFMA2 (HSUB2) leaves q - z exactly and an HMUL2 applies the scale once, so the fed weight is
-// Int4Weight.dequantize(x.dtype) bit for bit (scales in x's dtype; the other 16-bit dtype is
-// rounded to it first). x goes into shared memory in its natural layout (K-major, 128-byte
-// swizzle: 16-byte chunk c of row r at c ^ (r & 7)) by cp.async through a ring (4 stages at
-// BM = 128, 3 at 256), and is wgmma's B operand through a descriptor. Each k16 slice's wgmma
-// is its own commit group; up to 4 are in flight, and a slice's A registers are rewritten
-// only after its wgmma retired (kept alive past the wait: the compiler does not know wgmma
-// reads registers asynchronously). Measured history: docs/perf-notes.md (int4_matmul, l).
+// Warp specialization. The producer warpgroup (40 registers, setmaxnreg) fills a ring of K
+// steps (128 of K each): one thread issues TMA copies per step, two 64-wide slabs of x (128-byte
+// swizzle: 16-byte chunk c of row r at c ^ (r & 7), wgmma's K-major B layout) and the 128
+// weight rows' 64 bytes (64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3), so the 8 rows
+// of an LDS.128 phase hit 8 bank groups); one warp stores the step's scales and zero points in
+// shared memory. Stages change hands by mbarriers (full: the TMA bytes landed and the
+// constants are stored; empty: the consumers' wgmmas of that stage retired), never a CTA
+// barrier. The two consumer warpgroups (232 registers), 64 weight rows each, dequantize the
+// weight straight into wgmma's register operand (A): per k16 slice, lane t takes byte t of
+// words 2s and 2s + 1 (codes 2t, 2t + 1 and 2t + 8, 2t + 9: the mma.m16n8k16 A fragment); a
+// PRMT puts byte t in both halves, one LOP3 makes the halves 1024 + q and 1024 + 16 q (fp16;
+// bf16: 128 + q from a PRMT of w and w >> 4), an HFMA2 (HSUB2) leaves q - z exactly and an
+// HMUL2 applies the scale, so the fed weight is Int4Weight.dequantize(x.dtype) bit for bit
+// (scales in x's dtype; the other 16-bit dtype is rounded to it first). Each slice's wgmma is
+// its own commit group; up to 4 are in flight, and a slice's A registers are rewritten only
+// after its wgmma retired (kept alive past the wait: the compiler does not know wgmma reads
+// registers asynchronously).
+// H100, fp16, CUDA graphs, us: against the kernel before it (two warpgroups that issued
+// cp.async copies themselves, a CTA barrier per step, scales loaded one step ahead; the same
+// arithmetic) 8192x8192 M = 128 / 256 / 1024 / 4096 71.1 / 90.7 / 286 / 1168 -> 48.7 / 62.6 /
+// 199 / 849 (cuBLAS 62.4 / 65.5 / 187 / 842); scales still loaded by the consumers one step
+// ahead: M=128 56.6 (their global loads' latency stalled every step).
+// Measured history: docs/perf-notes.md (int4_matmul, l and n).
 //
 // Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
 // The result store and the split-K sum are tile.cu's (common.cuh).
-
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>  // CUtensorMap (encoded on the host through the runtime's driver entry point)
 #include <cudaTypedefs.h>
@@ -32,7 +40,6 @@
 #include <cstdlib>
 #include <type_traits>
 
-#include "common/async_copy.cuh"
 #include "common/device.h"
 #include "common/vec.cuh"
 #include "int4_matmul/common.cuh"
@@ -40,21 +47,6 @@
 namespace deepkern {
 namespace int4mm {
 namespace {
-
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kWRow = 80;      // bytes per weight row in shared memory (64 + pad)
-constexpr int kWBytes = kWgmmaBN * kWRow;
-
-// The ring for BM rows of x per CTA (the wgmma's N: 128 or 256).
-template <int BM>
-struct Ring {
-  static constexpr int kStages = BM == 128 ? 4 : 3;  // 256: 3 x 74 KB fill the 227 KB
-  static constexpr int kXSlab = BM * 128;            // one 64-wide K slab of x: 128-byte rows
-  static constexpr int kXBytes = 2 * kXSlab;
-  static constexpr int kStageBytes = kXBytes + kWBytes;
-  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring
-  static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of the swizzle");
-};
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -82,17 +74,6 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// 16 bytes global -> shared (cp.async.cg), zero-filled and `src` not read when !ok.
-__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-
 // Keeps registers allocated (and unchanged) up to this point.
 __device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
   asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
@@ -172,173 +153,11 @@ struct ByteDequant {
   }
 };
 
-template <typename T, typename S, bool HAS_ZEROS, int DEPTH, int BM>
-__global__ void __launch_bounds__(kThreads, 1) wgmma_kernel(const Params p) {
-  static_assert(8 % DEPTH == 0, "a whole number of operand buffers per K step");
-  using R = Ring<BM>;
-  constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kXBytes = R::kXBytes, kStageBytes = R::kStageBytes;
-  constexpr int kXCopies = BM * 16 / kThreads;  // 16-byte x chunks per thread per step
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * BM;
-  const int k_begin = blockIdx.z * p.k_per_split;
-  const int k_end = min(p.k, k_begin + p.k_per_split);
-  const int steps = (k_end - k_begin + kChunkK - 1) / kChunkK;
-  const T* x = static_cast<const T*>(p.x);
-
-  // Copies into the ring. Each thread's share is fixed across steps: 16-byte chunk ch of x
-  // rows r0 + 16 i (i < BM / 16; the swizzled position is the same in each, 2048 bytes apart) and
-  // chunk u4 of weight rows rw + 64 i (i < 2), from pointers that advance one step each time.
-  // (Index math per copy made the first version spend ~215 of its ~490 instructions per step
-  // here.) Copies past M, N or the split's K read nothing and zero-fill (source size 0).
-  const int ch = threadIdx.x & 15, r0 = threadIdx.x >> 4;
-  const uint32_t xs_off = (ch >> 3) * kXSlab + r0 * 128 + (((ch & 7) ^ (r0 & 7)) << 4);
-  // Row r0's chunk, and the byte offsets of rows r0 + 16 i from it (32-bit: the host keeps
-  // x_stride below kWgmmaMaxStride).
-  const T* xrow = x + static_cast<int64_t>(m0 + r0) * p.x_stride + k_begin + 8 * ch;
-  const uint32_t x_rows16 = static_cast<uint32_t>(32 * p.x_stride);
-  uint32_t xm_ok = 0;
-#pragma unroll
-  for (int i = 0; i < kXCopies; ++i) xm_ok |= static_cast<uint32_t>(m0 + r0 + 16 * i < p.m) << i;
-  const int u4 = threadIdx.x & 3, rw = threadIdx.x >> 2;
-  const uint32_t ws_off = kXBytes + rw * kWRow + 16 * u4;
-  const int32_t* wrow[2];
-  uint32_t wn_ok = 0;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    wrow[i] = p.packed + static_cast<int64_t>(n0 + rw + 64 * i) * p.kw + k_begin / 8 + 4 * u4;
-    wn_ok |= static_cast<uint32_t>(n0 + rw + 64 * i < p.n) << i;
-  }
-  static_assert(kWgmmaBN * 4 == 2 * kThreads, "copy shares");
-  const uint32_t smem_base = smem_u32(smem);
-
-  auto load_stage = [&](int step) {  // called for steps 0, 1, 2, ... in order
-    const uint32_t stage = smem_base + (step % kStages) * kStageBytes;
-    const int kb = k_begin + step * kChunkK;
-    const bool xk = kb + 8 * ch < k_end;
-#pragma unroll
-    for (int i = 0; i < kXCopies; ++i)
-      copy16(stage + xs_off + 2048 * i, reinterpret_cast<const uint8_t*>(xrow) + i * x_rows16,
-             xk && ((xm_ok >> i) & 1u));
-    xrow += kChunkK;
-    const bool wk = kb + 32 * u4 < k_end;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      copy16(stage + ws_off + 64 * kWRow * i, wrow[i], wk && ((wn_ok >> i) & 1u));
-      wrow[i] += kChunkK / 8;
-    }
-  };
-
-  // This lane's weight rows (within the CTA tile): row_a and row_a + 8 of its warp's 16.
-  const int row_a = 16 * warp + g;
-  // Scales (16-bit pairs) and zero points (bytes) of both rows, one step ahead.
-  auto load_consts = [&](int step, uint32_t& s, uint32_t& z) {
-    const int kb = k_begin + step * kChunkK;
-    const bool valid = step < steps;
-    const int64_t gbase = static_cast<int64_t>(valid && p.group_shift >= 0 ? kb >> p.group_shift : 0) * p.n;
-    s = 0;
-    z = 0;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int n = n0 + row_a + 8 * q;
-      const bool ok = valid && n < p.n;
-      s |= (ok ? scale_bits<T, S>(p, gbase + n) : 0u) << (16 * q);
-      z |= (HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u) << (8 * q);
-    }
-  };
-
-  float acc[BM / 2];
-#pragma unroll
-  for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-  // A operands of the last DEPTH k16 slices: each slice's wgmma is its own commit group and
-  // the loop waits until at most DEPTH - 1 are in flight before dequantizing the next
-  // slice into the buffer of the one just retired.
-  uint32_t a[DEPTH][4];
-#pragma unroll
-  for (int i = 0; i < DEPTH; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0u;
-  const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
-
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < steps) load_stage(s);
-    cp_async_commit();
-  }
-  uint32_t s_next, z_next;
-  load_consts(0, s_next, z_next);
-
-  for (int step = 0; step < steps; ++step) {
-    // This step's copies have landed (own groups), are visible to wgmma, and everyone's are.
-    // The slot refilled below was read two steps ago: its wgmmas are complete (at most
-    // DEPTH - 1 <= 7 slices, all of the previous step, are in flight here).
-    cp_async_wait<kStages - 3>();
-    fence_proxy_async();
-    __syncthreads();
-    if (step + kStages - 2 < steps) load_stage(step + kStages - 2);
-    cp_async_commit();
-    ByteDequant<T> da, db;
-    da.init(s_next & 0xFFFFu, z_next & 0xFFu);
-    db.init(s_next >> 16, (z_next >> 8) & 0xFFu);
-    load_consts(step + 1, s_next, z_next);
-
-    const uint8_t* xs = smem + (step % kStages) * kStageBytes;
-    const uint8_t* ws = xs + kXBytes;
-    const uint32_t x_addr = smem_u32(xs);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {  // words 4u .. 4u + 3 of both rows: k16 slices 2u, 2u + 1
-      const uint4 wa = *reinterpret_cast<const uint4*>(ws + row_a * kWRow + 16 * u);
-      const uint4 wb = *reinterpret_cast<const uint4*>(ws + (row_a + 8) * kWRow + 16 * u);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int s = 2 * u + h;  // k16 slice: codes 16 s .. 16 s + 15 = words 2 s, 2 s + 1
-        uint32_t(&ar)[4] = a[s % DEPTH];  // 8 % DEPTH == 0: the same buffer every step
-        ar[0] = da(h ? wa.z : wa.x, sel);  // row a, k 2t, 2t + 1
-        ar[1] = db(h ? wb.z : wb.x, sel);  // row a + 8
-        ar[2] = da(h ? wa.w : wa.y, sel);  // row a, k 2t + 8, 2t + 9
-        ar[3] = db(h ? wb.w : wb.y, sel);
-        wgmma_fence();
-        wgmma_n<T, BM>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
-        wgmma_commit();
-        wgmma_wait<DEPTH - 1>();
-        // The next slice's buffer held the operands of the wgmma just retired: live until here.
-        keep(a[(s + 1) % DEPTH]);
-      }
-    }
-  }
-  wgmma_wait<0>();
-  fence_acc<BM / 2>(acc);
-  cp_async_wait<0>();
-
-  // acc[4 j + i]: weight row row_a (+ 8 for i >= 2), x row 8 j + 2 t + (i & 1).
-#pragma unroll
-  for (int j = 0; j < BM / 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = n0 + row_a + (i >= 2 ? 8 : 0);
-      const int m = m0 + 8 * j + 2 * t + (i & 1);
-      if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
-    }
-#else
-  __trap();  // the host launches this kernel only on sm_90a code
-#endif
-}
-
-// ---------------------------------------------------------------------------------------
-// EXPERIMENT (session n): warp-specialized variant of configs 2 and 3. A producer warpgroup
-// fills a ring by TMA (one thread: per K step two 64-wide slabs of x with the 128-byte
-// swizzle desc_k128 reads, and the 128 weight rows' 64 bytes with the 64-byte swizzle: 16-byte
-// chunk c of row r at c ^ ((r >> 1) & 3), so the 8 rows of an LDS.128 phase still hit 8 bank
-// groups) and one warp stores the stage's scales and zero points in shared memory. Stages are
-// handed over by mbarriers (full: TMA bytes landed and constants stored; empty: both consumer
-// warpgroups' wgmmas of that stage retired), with no CTA barrier in the loop. Registers:
-// producer 40, consumers 232 (setmaxnreg).
-constexpr int kWsThreads = 384;
+constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
 
 // The TMA ring for BM rows of x per CTA (128 or 256).
 template <int BM>
-struct WsRing {
+struct Ring {
   static constexpr int kStages = BM == 128 ? 5 : 3;  // 5 x 40 KB, 3 x 72 KB
   static constexpr int kXSlab = BM * 128;            // one 64-wide K slab of x
   static constexpr int kStageBytes = 2 * kXSlab + kWgmmaBN * 64;
@@ -384,10 +203,10 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int in
 }
 
 template <typename T, typename S, bool HAS_ZEROS, int DEPTH, int BM>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    wgmma_ws_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using R = WsRing<BM>;
+  using R = Ring<BM>;
   constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kStageBytes = R::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   __shared__ uint64_t full[kStages], empty[kStages];
@@ -401,7 +220,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&full[i], 1 + 32);  // the TMA thread (with its bytes) and the constants' warp
-      mbar_init(&empty[i], 2);       // one arrival per consumer warpgroup
+      mbar_init(&empty[i], 256);     // every consumer thread (each after its own reads)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;" ::: "memory");
   }
@@ -484,8 +303,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         wgmma_wait<DEPTH - 1>();
         keep(a[(s + 1) % DEPTH]);
         // At most DEPTH - 1 slices of this step are in flight now: the previous step's are
-        // done, so its stage goes back to the producers.
-        if (s == DEPTH - 2 && step > 0 && (ct & 127) == 0) mbar_arrive(&empty[(step - 1) % kStages]);
+        // done, so its stage goes back to the producers. (One arrival per warpgroup would do in
+        // practice, its warps' reads precede their wgmmas, but compute-sanitizer's racecheck
+        // cannot see that order: it reported the constants' stores against their reads.)
+        if (s == DEPTH - 2 && step > 0) mbar_arrive(&empty[(step - 1) % kStages]);
       }
     }
   }
@@ -530,31 +351,6 @@ CUtensorMap encode_map(const void* base, CUtensorMapDataType type, uint64_t inne
   return map;
 }
 
-// Whether wgmma_ws_kernel can take these operands (TMA: 16-byte aligned bases and row strides).
-bool ws_ok(const Params& p) {
-  return reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && (p.x_stride * 2) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 && (p.kw * 4) % 16 == 0;
-}
-
-template <typename T, typename S, bool HAS_ZEROS, int BM>
-void launch_ws(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  auto kernel = wgmma_ws_kernel<T, S, HAS_ZEROS, 4, BM>;
-  static std::array<std::atomic<bool>, 64> prepared{};
-  std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
-  if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WsRing<BM>::kSmem));
-    if (flag != nullptr) flag->store(true, std::memory_order_release);
-  }
-  // x [M, K] 16-bit in boxes of 64 x BM rows; the packed weight [N, K / 8] int32 in boxes of
-  // 16 words x 128 rows.
-  const CUtensorMap xmap = encode_map(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, p.k, p.m, p.x_stride * 2, 64, BM,
-                                      CU_TENSOR_MAP_SWIZZLE_128B);
-  const CUtensorMap wmap = encode_map(p.packed, CU_TENSOR_MAP_DATA_TYPE_INT32, p.kw, p.n, p.kw * 4, 16, kWgmmaBN,
-                                      CU_TENSOR_MAP_SWIZZLE_64B);
-  const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
-  kernel<<<grid, kWsThreads, WsRing<BM>::kSmem, stream>>>(xmap, wmap, p);
-}
-
 template <typename T, typename S, bool HAS_ZEROS, int BM>
 void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
   auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, BM>;
@@ -564,19 +360,24 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Ring<BM>::kSmem));
     if (flag != nullptr) flag->store(true, std::memory_order_release);
   }
+  // TMA wants 16-byte aligned bases and row strides: the host's x copies and the packed
+  // layout (K % 32 == 0) give them.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && p.x_stride % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 && p.kw % 4 == 0,
+              "int4_matmul (cuda): operands not aligned for the wgmma kernel's tensor maps");
+  // x [M, K] 16-bit in boxes of 64 x BM rows; the packed weight [N, K / 8] int32 in boxes of
+  // 16 words x 128 rows.
+  const CUtensorMap xmap = encode_map(p.x, CU_TENSOR_MAP_DATA_TYPE_UINT16, p.k, p.m, p.x_stride * 2, 64, BM,
+                                      CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMap wmap = encode_map(p.packed, CU_TENSOR_MAP_DATA_TYPE_INT32, p.kw, p.n, p.kw * 4, 16, kWgmmaBN,
+                                      CU_TENSOR_MAP_SWIZZLE_64B);
   const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
-  kernel<<<grid, kThreads, Ring<BM>::kSmem, stream>>>(p);
+  kernel<<<grid, kThreads, Ring<BM>::kSmem, stream>>>(xmap, wmap, p);
 }
 
 template <typename T, typename S, bool HAS_ZEROS>
 void launch_bm(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  const char* ws_e = std::getenv("DEEPKERN_INT4_WS");  // EXPERIMENT (session n): DEEPKERN_INT4_WS=1
-  const bool ws_env = ws_e != nullptr && std::atoi(ws_e) == 1;
-  if (plan.config == 3 && ws_env && ws_ok(p))
-    launch_ws<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
-  else if (ws_env && ws_ok(p))
-    launch_ws<T, S, HAS_ZEROS, 128>(p, plan, stream, device);
-  else if (plan.config == 3)
+  if (plan.config == 3)
     launch_one<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
   else
     launch_one<T, S, HAS_ZEROS, 128>(p, plan, stream, device);

@@ -149,12 +149,13 @@ def _check(who, x, packed, scales, n, k, bias):
 # (8192, 28672), fp16, us (.dev/i4_tile.py, CUDA graphs): M=17 CUDA 41.8 / 125.6 vs Triton
 # 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5.
 CUDA_FIRST_MAX_M = 32
-# ... and from this M on again where the CUDA wgmma kernel runs (Hopper, sm_90a build, groups
-# of >= 128 or channelwise). H100, fp16, us (.dev/i4_wg2.py, CUDA graphs), M = 256 / 1024 /
-# 4096, CUDA vs Triton: 8192x8192 91.8 / 289 / 1174 vs 94.9 / 312 / 1259; 8192x28672 291 /
-# 1082 / 4386 vs 365 / 1123 / 4474; 4096x4096 34.2 / 81.6 / 288 vs 35.0 / 83.9 / 335;
-# 14336x4096 81.2 / 250 / 1033 vs 93.6 / 278 / 1153. (M=128: mixed, Triton stays first.)
-CUDA_WGMMA_MIN_M = 256
+# ... and past it again where the CUDA wgmma kernel runs (Hopper, sm_90a build, groups of
+# >= 128 or channelwise). H100, fp16, us (.dev/i4_ws_ab2.py, CUDA graphs), CUDA vs Triton at
+# 8192x8192 / 8192x28672 / 4096x4096 / 14336x4096 / 4096x14336: M=64 45.8 / 146 / 20.3 / 40.4 /
+# 66.1 vs 45.3 / 149 / 21.1 / 46.4 / 52.1; M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 vs 60.5 / 185 /
+# 28.2 / 66.0 / 50.1; M >= 256 CUDA on all five (M=1024: 199 / 772 / 53.8 / 170 / 206 vs 321 /
+# 1122 / 83.4 / 277 / 326). 4096x14336 at M=64-128 is the one shape where Triton is faster.
+CUDA_WGMMA_MIN_M = CUDA_FIRST_MAX_M + 1
 
 
 _WGMMA: dict[torch.device, bool] = {}
