@@ -25,7 +25,7 @@
 //
 // Speed (H100): faster than the Triton tiles only up to M ~ 32 (measurements above the tile
 // configs; `auto` uses it there). mma.sync at 2 warps per scheduler leaves the tensor pipe
-// ~1/3 busy; large M needs a Hopper wgmma version (weights as the register operand).
+// ~1/3 busy; on Hopper the wgmma kernel (wgmma.cu) takes M > 32.
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
