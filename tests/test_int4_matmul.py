@@ -538,6 +538,17 @@ def test_cuda_tile_forward(monkeypatch, dtype, tile, m):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("m", [33, 64, 130])
+def test_cuda_wgmma_small_k(m):
+    """The default kernel past M = 32 (the Hopper wgmma kernel where it runs) on channelwise
+    weights with K below one 128-wide step or its 64-wide x box (tensor maps smaller than
+    their boxes), and on K = 160 (a partial second step)."""
+    for k in (32, 96, 160):
+        for dtype in (torch.float16, torch.bfloat16):
+            _check(m, 200, k, -1, False, dtype=dtype, device="cuda", backend="cuda", bias=True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("splits", ["1", "3", "64"])
 def test_cuda_tile_split_k(monkeypatch, splits):
     """One split, a ragged split count, one K step per split (fewer than the ring's stages)."""
