@@ -26,6 +26,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/mbarrier.cuh"
 #include "common/vec.cuh"
 #include "layernorm_gelu/ring.cuh"
 
@@ -358,9 +359,8 @@ template <typename V>
 __device__ __forceinline__ void cluster_sums_init(ClusterSums<V>& x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (threadIdx.x == 0) {
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(&x.bar[q]))));
+    mbar_init(&x.bar[0], 1);
+    mbar_init(&x.bar[1], 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -374,15 +374,11 @@ __device__ __forceinline__ void cluster_sums_init(ClusterSums<V>& x) {
 template <typename V>
 __device__ __forceinline__ V cluster_total(V v, ClusterSums<V>& x, int q, int ctas, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(&x.bar[q]));
-  if (threadIdx.x == 0)
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(static_cast<uint32_t>(ctas * sizeof(V)))
-                 : "memory");
+  if (threadIdx.x == 0) mbar_expect_tx(&x.bar[q], static_cast<uint32_t>(ctas * sizeof(V)));
   if (static_cast<int>(threadIdx.x) < ctas) {  // thread r pushes to CTA r
-    const uint32_t mine = static_cast<uint32_t>(__cvta_generic_to_shared(&x.slot[q][rank]));
     uint32_t rslot, rbar;
-    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rslot) : "r"(mine), "r"(threadIdx.x));
-    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(bar), "r"(threadIdx.x));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rslot) : "r"(smem_u32(&x.slot[q][rank])), "r"(threadIdx.x));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(rbar) : "r"(smem_u32(&x.bar[q])), "r"(threadIdx.x));
     if constexpr (std::is_same_v<V, float>) {
       asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(rslot), "f"(v), "r"(rbar)
                    : "memory");
@@ -392,12 +388,7 @@ __device__ __forceinline__ V cluster_total(V v, ClusterSums<V>& x, int q, int ct
                    : "memory");
     }
   }
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(bar)
-                 : "memory");
+  mbar_wait(&x.bar[q], 0);
   V total = x.slot[q][0];
   for (int r = 1; r < ctas; ++r) total = add(total, x.slot[q][r]);
   return total;
