@@ -155,7 +155,6 @@ CUDA_FIRST_MAX_M = 32
 # 66.1 vs 45.3 / 149 / 21.1 / 46.4 / 52.1; M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 vs 60.5 / 185 /
 # 28.2 / 66.0 / 50.1; M >= 256 CUDA on all five (M=1024: 199 / 772 / 53.8 / 170 / 206 vs 321 /
 # 1122 / 83.4 / 277 / 326). 4096x14336 at M=64-128 is the one shape where Triton is faster.
-CUDA_WGMMA_MIN_M = CUDA_FIRST_MAX_M + 1
 
 
 _WGMMA: dict[torch.device, bool] = {}
@@ -195,10 +194,8 @@ def _reasons(device: torch.device, dtype: torch.dtype, m: int = 1, k: int = 4096
 
 def _auto_order(m: int, device: torch.device | None = None, k: int = 0, group: int = 0) -> tuple[str, ...]:
     """`group`: consecutive K per group (K for channelwise)."""
-    if m <= CUDA_FIRST_MAX_M:
-        return ("cuda", "triton", "torch")
-    if (m >= CUDA_WGMMA_MIN_M and device is not None and (group >= 128 or group == k)
-            and _wgmma_device(device)):
+    if m <= CUDA_FIRST_MAX_M or (device is not None and (group >= 128 or group == k)
+                                 and _wgmma_device(device)):
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 
