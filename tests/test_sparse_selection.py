@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import KERNEL_DEVICES
-from sparse_helpers import SMALL, check_format, check_selection, nblocks, sparse_inputs
+from sparse_helpers import SMALL, check_format, check_selection, exact_inputs, nblocks, sparse_inputs
 
 import deepkern
 from deepkern.reference.sparse_attention import block_summaries_ref, select_blocks_ref
@@ -78,9 +78,10 @@ def test_select_kernel_matches_reference(device, cfg):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_select_kernel_ties_lower_block_wins(device, causal):
-    """Identical key blocks give bit-identical summaries and scores: exact ties, so the
-    kernel's choice must equal the reference's exactly (lower block id wins)."""
-    q, k, _ = sparse_inputs(1, 32 * 9, 2, 1, 64, torch.float16, device)
+    """Identical key blocks give identical summaries and scores (exact arithmetic: integer
+    inputs): exact ties, so the kernel's choice must equal the reference's exactly (lower
+    block id wins)."""
+    q, k = exact_inputs(1, 32 * 9, 2, 1, 64, device)
     k[:, 64:] = k[:, :32].repeat(1, 7, 1, 1)
     idx = deepkern.select_blocks(q, k, 32, 3, 0, 1, causal, backend="triton")
     ref = select_blocks_ref(q.cpu(), k.cpu(), 32, 3, 0, 1, causal)
@@ -94,12 +95,13 @@ def test_select_kernel_ties_across_chunks(device):
     from deepkern.triton_kernels.sparse_attention_select import BC
 
     nb, bs, D = BC + 6, 32, 64
-    u = torch.randn(D)
-    block = u + 0.3 * torch.randn(bs, D)
+    # Small integers: exact scores (see exact_inputs), so the ties are exact on any device.
+    u = torch.randint(-3, 4, (D,)).float()
+    block = u + torch.randint(-1, 2, (bs, D))
     k = block.repeat(nb, 1)
     k[BC * bs:(BC + 1) * bs] = 2 * block  # block BC scores exactly twice the others
     k = k.view(1, nb * bs, 1, D).half().to(device)
-    q = (u + 0.3 * torch.randn(nb * bs, D)).view(1, nb * bs, 1, D).half().to(device)
+    q = (u + torch.randint(-1, 2, (nb * bs, D))).view(1, nb * bs, 1, D).half().to(device)
     for causal in (True, False):
         idx = deepkern.select_blocks(q, k, bs, 3, 0, 1, causal, backend="triton")
         ref = select_blocks_ref(q.cpu(), k.cpu(), bs, 3, 0, 1, causal)
@@ -178,14 +180,16 @@ def test_select_kernel_infinite_summaries(device, rows, monkeypatch):
 def test_select_kernel_long_rows_and_ties(device):
     """Rows over several chunks (the insertion rounds run while some row of the program takes)
     with random scores and with exact ties across chunks (blocks 40-195 repeat blocks 0-5:
-    the lower block wins), against the fp64 reference and the tie order."""
+    the lower block wins; integer inputs make those ties exact), against the fp64 reference
+    and the tie order."""
     q, k, _ = sparse_inputs(1, 32 * 200, 2, 1, 64, torch.float16, device)
-    k_tied = k.clone()
-    k_tied[:, 32 * 40:32 * 196] = k[:, :32 * 6].repeat(1, 26, 1, 1)
+    qi, k_tied = exact_inputs(1, 32 * 200, 2, 1, 64, device)
+    k_tied[:, 32 * 40:32 * 196] = k_tied[:, :32 * 6].repeat(1, 26, 1, 1)
     copy_of = [j if j < 40 or j >= 196 else (j - 40) % 6 for j in range(200)]
     for keys, topk, causal in ((k, 5, True), (k, 16, False), (k_tied, 7, True), (k_tied, 20, False)):
-        idx = deepkern.select_blocks(q, keys, 32, topk, 1, 2, causal, backend="triton")
-        check_selection(idx, q, keys, 32, topk, 1, 2, causal, 1 / 8)
+        queries = qi if keys is k_tied else q
+        idx = deepkern.select_blocks(queries, keys, 32, topk, 1, 2, causal, backend="triton")
+        check_selection(idx, queries, keys, 32, topk, 1, 2, causal, 1 / 8)
         if keys is not k_tied:
             continue
         # Bit-identical blocks score bit-identically: a chosen block's lower copies must all

@@ -26,7 +26,7 @@ When every block is kept the result is dense (causal) attention.
 
 Arithmetic in fp32 (fp64 for fp64 inputs); differentiable through torch autograd, so it also
 serves as the "torch" backend. Memory grows like B * Hq * S * width * block_size (the gathered
-scores), not S^2; the selection works on chunks of query blocks (nb * chunk scores at a time).
+scores), not S^2; the selection works on chunks of query blocks (about 2^25 products at a time).
 """
 
 from __future__ import annotations
@@ -119,10 +119,15 @@ def select_blocks_ref(q, k, block_size: int = 64, topk: int = 16, sink_blocks: i
     qs, ks = block_summaries_ref(q, k, block_size, softmax_scale)
     lowest = torch.finfo(qs.dtype).min
     j = torch.arange(nb, device=q.device)
+    # Scores as products summed over D, not a matmul: a CPU matmul rounds its tail columns
+    # differently (torch 2.14.1: the last of 9 identical key blocks scored one ulp above the
+    # others), which breaks exact ties; the sum reduces every (i, j) the same way. Chunks of
+    # query blocks keep the product tensor near 2^25 elements.
+    chunk = max(1, min(chunk, (1 << 25) // max(1, B * Hkv * nb * qs.shape[-1])))
     tops = []
     for i0 in range(0, nb, chunk):
         i = torch.arange(i0, min(i0 + chunk, nb), device=q.device)[:, None]
-        scores = torch.einsum("bhid,bhjd->bhij", qs[:, :, i0:i0 + chunk], ks)
+        scores = (qs[:, :, i0:i0 + chunk, None, :] * ks[:, :, None, :, :]).sum(-1)
         if causal:
             cand = (j >= sink_blocks) & (j <= i - local_blocks)
         else:
