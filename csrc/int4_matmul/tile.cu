@@ -251,7 +251,7 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 // Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2|3 overrides, sweeps; 2, 3 = wgmma where
 // supported, else 1); splits of K (DEEPKERN_INT4_SPLITS overrides) only while the tiles alone
 // leave resident CTA slots empty: a power of two whose grid fills the slots most evenly, the
-// fewest on ties, >= 4 K steps per split.
+// fewest on ties, >= 4 K steps per split (>= 8 for the wgmma kernel, below).
 TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
   const bool wgmma = wgmma_supported(device, group_shift) && k < kWgmmaMaxStride;
@@ -259,7 +259,7 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   // 4096x4096 / 14336x4096 / 4096x14336: M=64 45.8 / 146 / 20.3 / 40.4 / 66.1 (tile 0: 54.5 /
   // 184 / 23.3 / 48.8 / 55.2); M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 (256 rows: 62.6 / 244 /
   // 25.5 / 51.1 / 100); M=256 74.2 / 278 / 31.2 / 71.4 / 79.6 (256 rows: 62.6 / 198 / 28.2 /
-  // 54.5 / 137). 4096x14336 is the outlier (one wave of 112 CTAs; not understood yet).
+  // 54.5 / 137). (4096x14336 was slow at 8 splits of 4 K steps: the split rule below.)
   plan.config = m <= 32 || (!wgmma && m <= 64) ? 0 : !wgmma ? 1 : m <= 128 ? 2 : 3;
   if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
     plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + 1);
@@ -275,9 +275,15 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   if (const char* env = std::getenv("DEEPKERN_INT4_SPLITS")) {
     splits = std::max(1, std::atoi(env));
   } else if (tiles < slots) {
+    // The wgmma kernel's splits keep >= 8 K steps: its ring is 5 (3) stages deep and each
+    // split adds an fp32 partial of the whole tile. H100, fp16, us, K=4096 N=14336 (112 tiles)
+    // at M = 64 / 128 / 256: 8 splits of 4 steps (the old rule) 66.4 / 84.4 / 139, one split
+    // 41.9 / 40.9 / 59.4; the shapes whose best was 4 splits of 8 steps keep it (4096x4096,
+    // 14336x4096 at M <= 256; .dev/i4_sweep.py, 2026-11-23 (o)).
+    const int min_steps = plan.config >= 2 ? 8 : 4;
     double best_eff = 0.0;
     for (int s = 1; s <= 16; s *= 2) {
-      if (s > 1 && k_steps / s < 4) break;
+      if (s > 1 && k_steps / s < min_steps) break;
       const double waves = static_cast<double>(tiles) * s / slots;
       const double eff = waves / std::ceil(waves);
       if (eff > best_eff + 0.02) splits = s, best_eff = eff;
