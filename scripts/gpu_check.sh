@@ -23,13 +23,16 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export DEEPKERN_BUILD_CUDA=1 DEEPKERN_PTXAS_VERBOSE=1
 t0=$SECONDS
-if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+# -v: pip shows the compiler output (ptxas -v), which the two greps below read.
+if ! $PY -m pip install -v --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"
   echo "BUILD FAILED"
   exit 1
 fi
 echo "build: $((SECONDS - t0)) s"
 grep -E "spill (stores|loads)" "$OUT/build.log" | grep -v " 0 bytes spill" | sort | uniq -c | head -20
+# ptxas C7513: wgmma instructions serialized (a wait for the tensor cores before each one).
+grep -c "C7513" "$OUT/build.log" | sed "s/^/ptxas wgmma serialization warnings (C7513): /"
 
 { $PY -m deepkern.info; nvidia-smi; } > "$OUT/info.txt" 2>&1
 head -12 "$OUT/info.txt"

@@ -15,10 +15,12 @@
 // PRMT puts byte t in both halves, one LOP3 makes the halves 1024 + q and 1024 + 16 q (fp16;
 // bf16: 128 + q from a PRMT of w and w >> 4), an HFMA2 (HSUB2) leaves q - z exactly and an
 // HMUL2 applies the scale, so the fed weight is Int4Weight.dequantize(x.dtype) bit for bit
-// (scales in x's dtype; the other 16-bit dtype is rounded to it first). Each slice's wgmma is
-// its own commit group; up to 4 are in flight, and a slice's A registers are rewritten only
-// after its wgmma retired (kept alive past the wait: the compiler does not know wgmma reads
-// registers asynchronously).
+// (scales in x's dtype; the other 16-bit dtype is rounded to it first). Slices go in batches
+// of 4, one commit group each, with two batches' A registers: a batch is dequantized while the
+// previous one's wgmmas run, and its registers are rewritten only after its group retired.
+// All A registers of a commit group are written before its wgmma.fence: ptxas otherwise
+// serializes the wgmmas (C7513 "non wgmma instructions defining input registers", a wait for
+// the tensor cores before every slice; see launch_one for the measured cost).
 // H100, fp16, CUDA graphs, us: against the kernel before it (two warpgroups that issued
 // cp.async copies themselves, a CTA barrier per step, scales loaded one step ahead; the same
 // arithmetic) 8192x8192 M = 128 / 256 / 1024 / 4096 71.1 / 90.7 / 286 / 1168 -> 48.7 / 62.6 /
@@ -70,10 +72,6 @@ __device__ __forceinline__ void wgmma_wait() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
-}
-// Keeps registers allocated (and unchanged) up to this point.
-__device__ __forceinline__ void keep(const uint32_t (&a)[4]) {
-  asm volatile("" ::"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void fence_acc(float (&d)[N]) {
@@ -173,7 +171,7 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int in
 #endif
 }
 
-template <typename T, typename S, bool HAS_ZEROS, int DEPTH, int BM>
+template <typename T, typename S, bool HAS_ZEROS, int G, int NBUF, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -241,9 +239,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-  uint32_t a[DEPTH][4];
-#pragma unroll
-  for (int i = 0; i < DEPTH; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0u;
+  // Slices are issued in batches of G (one commit group each), NBUF batches' A registers
+  // alive: a batch's registers are rewritten only after its group retired.
+  constexpr int kBatches = 8 / G;
+  static_assert(8 % G == 0 && kBatches % NBUF == 0 && NBUF - 2 < kBatches, "batching");
+  uint32_t a[NBUF][G][4];
   const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
 
   for (int step = 0; step < steps; ++step) {
@@ -256,28 +256,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint8_t* xs = smem + st * kStageBytes;
     const uint8_t* ws = xs + 2 * kXSlab;
     const uint32_t x_addr = smem_u32(xs);
+    uint4 wa, wb;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint4 wa = *reinterpret_cast<const uint4*>(ws + row_a * 64 + 16 * (u ^ wsw));
-      const uint4 wb = *reinterpret_cast<const uint4*>(ws + (row_a + 8) * 64 + 16 * (u ^ wsw));
+    for (int b = 0; b < kBatches; ++b) {
+      uint32_t(&buf)[G][4] = a[b % NBUF];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int s = 2 * u + h;
-        uint32_t(&ar)[4] = a[s % DEPTH];
-        ar[0] = da(h ? wa.z : wa.x, sel);
-        ar[1] = db(h ? wb.z : wb.x, sel);
-        ar[2] = da(h ? wa.w : wa.y, sel);
-        ar[3] = db(h ? wb.w : wb.y, sel);
-        wgmma_fence();
-        wgmma_n<T, BM>(acc, ar, desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
-        wgmma_commit();
-        wgmma_wait<DEPTH - 1>();
-        keep(a[(s + 1) % DEPTH]);
-        // At most DEPTH - 1 slices of this step are in flight now: the previous step's are
-        // done, so its stage goes back to the producers. (One arrival per warpgroup would do in
-        // practice, its warps' reads precede their wgmmas, but compute-sanitizer's racecheck
-        // cannot see that order: it reported the constants' stores against their reads.)
-        if (s == DEPTH - 2 && step > 0) mbar_arrive(&empty[(step - 1) % kStages]);
+      for (int j = 0; j < G; ++j) {
+        const int s = b * G + j, u = s >> 1, h = s & 1;
+        if (h == 0) {
+          wa = *reinterpret_cast<const uint4*>(ws + row_a * 64 + 16 * (u ^ wsw));
+          wb = *reinterpret_cast<const uint4*>(ws + (row_a + 8) * 64 + 16 * (u ^ wsw));
+        }
+        buf[j][0] = da(h ? wa.z : wa.x, sel);
+        buf[j][1] = db(h ? wb.z : wb.x, sel);
+        buf[j][2] = da(h ? wa.w : wa.y, sel);
+        buf[j][3] = db(h ? wb.w : wb.y, sel);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const int s = b * G + j;
+        wgmma_n<T, BM>(acc, buf[j], desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
+      }
+      wgmma_commit();
+      wgmma_wait<NBUF - 1>();
+      // Batches up to this one minus NBUF - 1 have retired: at batch NBUF - 2 the previous
+      // step's last one, so its stage goes back to the producers (with NBUF = 1, this step's
+      // at its last batch). (One arrival per warpgroup would do in practice, its warps' reads
+      // precede their wgmmas, but compute-sanitizer's racecheck cannot see that order: it
+      // reported the constants' stores against their reads.)
+      if constexpr (NBUF == 1) {
+        if (b == kBatches - 1) mbar_arrive(&empty[st]);
+      } else {
+        if (b == NBUF - 2 && step > 0) mbar_arrive(&empty[(step - 1) % kStages]);
       }
     }
   }
@@ -324,7 +335,14 @@ CUtensorMap encode_map(const void* base, CUtensorMapDataType type, uint64_t inne
 
 template <typename T, typename S, bool HAS_ZEROS, int BM>
 void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, BM>;
+  // Batches of 4 slices, 2 batches' A registers alive. H100, fp16, CUDA graphs, us, against
+  // one slice per commit group with 4 groups in flight (which ptxas serialized, C7513: one
+  // A register set reused, a wait for the tensor cores before each slice's dequantization):
+  // 8192x8192 M = 128 / 1024 / 4096 47.1 / 217 / 817 -> 45.9 / 194 / 810; 4096x14336 M=4096
+  // 840 -> 696; 8192x28672 M = 128 / 256 121.9 / 198 (was 140.9 / 216). Batches of 8 with
+  // one alive (no ptxas serialization either): within 2% at M <= 256, +-10% at M >= 1024
+  // (.dev/wg_ab.py, 2026-11-23 (o)).
+  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, 2, BM>;
   static std::array<std::atomic<bool>, 64> prepared{};
   std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
   if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
