@@ -523,12 +523,12 @@ def test_cuda_backward(m, n, k, group_size):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tile", ["0", "1", "2", "3"])
+@pytest.mark.parametrize("tile", ["0", "1", "2", "3", "4"])
 @pytest.mark.parametrize("m", [17, 65, 300])
 def test_cuda_tile_forward(monkeypatch, dtype, tile, m):
-    """The kernels for M > 16, each forced (mma.sync tiles 256 x 32 / 256 x 128; 2, 3: the
-    Hopper wgmma kernel with 128 / 256 x rows, for groups >= 128 and channelwise, the others
-    then on tile 1): x rows
+    """The kernels for M > 16, each forced (mma.sync tiles 256 x 32 / 256 x 128; 2, 3, 4: the
+    Hopper wgmma kernel with 64 / 128 / 256 x rows, for groups >= 128 and channelwise, the
+    others then on tile 1): x rows
     not a multiple of the tile, ragged N (13, 77, 100, 300: partial warps and CTAs), K not a
     multiple of 128 (10944, 2080), every group size, symmetric and asymmetric, bias."""
     monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
@@ -553,7 +553,7 @@ def test_cuda_wgmma_small_k(m):
 def test_cuda_tile_split_k(monkeypatch, splits):
     """One split, a ragged split count, one K step per split (fewer than the ring's stages)."""
     monkeypatch.setenv("DEEPKERN_INT4_SPLITS", splits)
-    for tile in ("0", "1", "2", "3"):
+    for tile in ("0", "1", "2", "3", "4"):  # 2-4: the wgmma kernel with 64 / 128 / 256 x rows
         monkeypatch.setenv("DEEPKERN_INT4_TILE", tile)
         for dtype in (torch.float16, torch.bfloat16):
             _check_cuda_splits(40, 130, dtype)

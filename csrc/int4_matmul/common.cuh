@@ -204,9 +204,9 @@ __global__ void sum_splits_kernel(const Params p, int splits) {
 
 // Kernels for M > 16. plan_tile (tile.cu) picks the kernel, its CTA tile and the K splits;
 // launch_tile runs it (16-bit scales; `p.part` as the plan says): tile_kernel
-// (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; configs 2, 3).
+// (mma.sync, tile.cu; configs 0 and 1) or, on Hopper, wgmma_kernel (wgmma.cu; configs 2-4).
 struct TilePlan {
-  int config = 0;  // 0, 1: tile.cu's tiles; 2, 3: wgmma_kernel with 128 / 256 x rows
+  int config = 0;  // 0, 1: tile.cu's tiles; 2, 3, 4: wgmma_kernel with 64 / 128 / 256 x rows
   int ctas_n = 0, ctas_m = 0;  // grid: weight-row tiles x x-row tiles x splits
   int splits = 1;
   int k_per_split = 0;  // multiple of kChunkK
@@ -215,7 +215,7 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device);
 template <typename T>
 void launch_tile(const Params& p, const TilePlan& plan, cudaStream_t stream, int device);
 
-// wgmma_kernel's weight rows per CTA (x rows: 128 or 256 by the plan), whether it runs on
+// wgmma_kernel's weight rows per CTA (x rows: 64, 128 or 256 by the plan), whether it runs on
 // `device` for this group size (sm_90a build, Hopper, groups >= 128 or channelwise), and its launch.
 constexpr int kWgmmaBN = 128;
 constexpr int64_t kWgmmaMaxStride = int64_t{1} << 22;  // x row stride (elements) it takes

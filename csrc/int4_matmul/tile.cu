@@ -208,10 +208,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinCtas) tile_kernel(const Pa
 struct ConfigFacts {
   int bn, bm, min_ctas;
 };
-constexpr ConfigFacts kFacts[kTileConfigs + 2] = {
+constexpr int kWgmmaConfigs = 3;
+constexpr ConfigFacts kFacts[kTileConfigs + kWgmmaConfigs] = {
     {Tile0::kBN, Tile0::kBM, Tile0::kMinCtas},
     {Tile1::kBN, Tile1::kBM, Tile1::kMinCtas},
-    {kWgmmaBN, 128, 1},  // wgmma_kernel (wgmma.cu)
+    {kWgmmaBN, 64, 1},  // wgmma_kernel (wgmma.cu)
+    {kWgmmaBN, 128, 1},
     {kWgmmaBN, 256, 1},
 };
 
@@ -248,21 +250,23 @@ void launch_scales(const Params& p, const TilePlan& plan, cudaStream_t stream, i
 
 }  // namespace
 
-// Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2|3 overrides, sweeps; 2, 3 = wgmma where
+// Kernel and tile by M (DEEPKERN_INT4_TILE=0|1|2|3|4 overrides, sweeps; 2-4 = wgmma where
 // supported, else 1); splits of K (DEEPKERN_INT4_SPLITS overrides) only while the tiles alone
 // leave resident CTA slots empty: a power of two whose grid fills the slots most evenly, the
 // fewest on ties, >= 4 K steps per split (>= 8 for the wgmma kernel, below).
 TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   TilePlan plan;
   const bool wgmma = wgmma_supported(device, group_shift) && k < kWgmmaMaxStride;
-  // wgmma kernel (H100, fp16, CUDA graphs, us), 128 / 256 x rows, at 8192x8192 / 8192x28672 /
-  // 4096x4096 / 14336x4096 / 4096x14336: M=64 45.8 / 146 / 20.3 / 40.4 / 66.1 (tile 0: 54.5 /
-  // 184 / 23.3 / 48.8 / 55.2); M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 (256 rows: 62.6 / 244 /
-  // 25.5 / 51.1 / 100); M=256 74.2 / 278 / 31.2 / 71.4 / 79.6 (256 rows: 62.6 / 198 / 28.2 /
-  // 54.5 / 137). (4096x14336 was slow at 8 splits of 4 K steps: the split rule below.)
-  plan.config = m <= 32 || (!wgmma && m <= 64) ? 0 : !wgmma ? 1 : m <= 128 ? 2 : 3;
+  // wgmma kernel by x rows per CTA (H100, fp16, CUDA graphs, us; .dev/bm64_ab.py, 2026-11-23
+  // (o)), 64 / 128 rows at 8192x8192 / 8192x28672 / 4096x4096 / 14336x4096 / 4096x14336:
+  // M=33 39.4 / 103 / 16.2 / 36.0 / 35.4 vs 46.0 / 159 / 19.1 / 38.2 / 48.6; M=64 41.1 / 103 /
+  // 17.4 / 36.8 / 35.9 vs 43.9 / 142 / 18.9 / 38.4 / 41.6; M=96 54.0 / 192 / 21.7 / 51.9 / 56.6
+  // vs 44.4 / 121 / 19.1 / 39.7 / 39.1. 128 / 256 rows (earlier sweep): M=128 48.7 / 146 / 22.0
+  // / 42.8 / 86.7 vs 62.6 / 244 / 25.5 / 51.1 / 100; M=256 74.2 / 278 / 31.2 / 71.4 / 79.6 vs
+  // 62.6 / 198 / 28.2 / 54.5 / 137 (4096x14336 then at 8 splits of 4 K steps: the split rule).
+  plan.config = m <= 32 || (!wgmma && m <= 64) ? 0 : !wgmma ? 1 : m <= 64 ? 2 : m <= 128 ? 3 : 4;
   if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
-    plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + 1);
+    plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + kWgmmaConfigs - 1);
     if (plan.config >= 2 && !wgmma) plan.config = 1;
   }
   const ConfigFacts& f = kFacts[plan.config];

@@ -1,5 +1,5 @@
 // INT4 GEMM for M > 32 on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
-// three warpgroups over 128 weight rows x BM rows of x (128 up to M = 128, else 256),
+// three warpgroups over 128 weight rows x BM rows of x (64 up to M = 64, 128 up to 128, else 256),
 // y^T tile = W tile @ x tile^T.
 //
 // Warp specialization. The producer warpgroup (40 registers, setmaxnreg) fills a ring of K
@@ -79,11 +79,28 @@ __device__ __forceinline__ void fence_acc(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// d[64 x N fp32 per warpgroup] += A (registers) x B (descriptor), N = 128 or 256.
+// d[64 x N fp32 per warpgroup] += A (registers) x B (descriptor), N = 64, 128 or 256.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_n(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (N == 128 && std::is_same_v<T, __half>) {
+  if constexpr (N == 64) {
+    if constexpr (std::is_same_v<T, __half>)
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+  } else if constexpr (N == 128 && std::is_same_v<T, __half>) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -150,10 +167,10 @@ struct ByteDequant {
 
 constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
 
-// The TMA ring for BM rows of x per CTA (128 or 256).
+// The TMA ring for BM rows of x per CTA (64, 128 or 256).
 template <int BM>
 struct Ring {
-  static constexpr int kStages = BM == 128 ? 5 : 3;  // 5 x 40 KB, 3 x 72 KB
+  static constexpr int kStages = BM == 64 ? 8 : BM == 128 ? 5 : 3;  // 8 x 24 KB, 5 x 40 KB, 3 x 72 KB
   static constexpr int kXSlab = BM * 128;            // one 64-wide K slab of x
   static constexpr int kStageBytes = 2 * kXSlab + kWgmmaBN * 64;
   static constexpr int kSmem = kStages * kStageBytes + 1024;  // + slack to align the ring
@@ -366,10 +383,12 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
 
 template <typename T, typename S, bool HAS_ZEROS>
 void launch_bm(const Params& p, const TilePlan& plan, cudaStream_t stream, int device) {
-  if (plan.config == 3)
-    launch_one<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
-  else
+  if (plan.config == 2)
+    launch_one<T, S, HAS_ZEROS, 64>(p, plan, stream, device);
+  else if (plan.config == 3)
     launch_one<T, S, HAS_ZEROS, 128>(p, plan, stream, device);
+  else
+    launch_one<T, S, HAS_ZEROS, 256>(p, plan, stream, device);
 }
 
 template <typename T, typename S>

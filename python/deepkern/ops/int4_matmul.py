@@ -150,11 +150,12 @@ def _check(who, x, packed, scales, n, k, bias):
 # 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5.
 CUDA_FIRST_MAX_M = 32
 # ... and past it again where the CUDA wgmma kernel runs (Hopper, sm_90a build, groups of
-# >= 128 or channelwise). H100, fp16, us (.dev/i4_ws_ab2.py, CUDA graphs), CUDA vs Triton at
-# 8192x8192 / 8192x28672 / 4096x4096 / 14336x4096 / 4096x14336: M=64 45.8 / 146 / 20.3 / 40.4 /
-# 66.1 vs 45.3 / 149 / 21.1 / 46.4 / 52.1; M=128 48.7 / 146 / 22.0 / 42.8 / 86.7 vs 60.5 / 185 /
-# 28.2 / 66.0 / 50.1; M >= 256 CUDA on all five (M=1024: 199 / 772 / 53.8 / 170 / 206 vs 321 /
-# 1122 / 83.4 / 277 / 326). 4096x14336 at M=64-128 is the one shape where Triton is faster.
+# >= 128 or channelwise). H100, fp16, us (.dev/bm64_ab.py, CUDA graphs, 2026-11-23 (o)), CUDA
+# vs Triton at 8192x8192 / 8192x28672 / 4096x4096 / 14336x4096 / 4096x14336: M=33 39.4 / 103 /
+# 16.2 / 36.0 / 35.4 vs 44.8 / 151 / 20.8 / 46.4 / 50.2; M=64 41.1 / 103 / 17.4 / 36.8 / 35.9
+# vs 45.9 / 150 / 20.8 / 46.4 / 51.5; M=128 45.5 / 124 / 20.2 / 40.5 / 39.4 vs 59.3 / 186 /
+# 27.6 / 65.8 / 51.5; M >= 256 CUDA on all five (M=1024 at 3dec689: 199 / 772 / 53.8 / 170 /
+# 206 vs 321 / 1122 / 83.4 / 277 / 326).
 
 
 _WGMMA: dict[torch.device, bool] = {}
