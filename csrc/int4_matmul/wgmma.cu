@@ -29,7 +29,8 @@
 // Measured history: docs/perf-notes.md (int4_matmul, l and n).
 //
 // Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
-// The result store and the split-K sum are tile.cu's (common.cuh).
+// The y tile goes out through shared memory (stmatrix, 16-byte stores); split-K partials and
+// their sum are tile.cu's (common.cuh).
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>  // CUtensorMap (encoded on the host through the runtime's driver entry point)
 #include <cudaTypedefs.h>
@@ -77,6 +78,28 @@ template <int N>
 __device__ __forceinline__ void fence_acc(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// Two fp32 values rounded to T, lo in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>)
+    return __half_as_ushort(__float2half_rn(lo)) | static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16;
+  else
+    return __bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
+}
+// Four 8 x 8 16-bit matrices (mma fragment layout, one register each) stored transposed:
+// row r of matrix i (16 bytes) at the address of lane 8 i + r.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+#endif
 }
 
 // d[64 x N fp32 per warpgroup] += A (registers) x B (descriptor), N = 64, 128 or 256.
@@ -312,14 +335,61 @@ __global__ void __launch_bounds__(kThreads, 1)
   wgmma_wait<0>();
   fence_acc<BM / 2>(acc);
 
+  if (p.part != nullptr) {  // fp32 split-K partials: one store per value
 #pragma unroll
-  for (int j = 0; j < BM / 8; ++j)
+    for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = n0 + row_a + (i >= 2 ? 8 : 0);
-      const int m = m0 + 8 * j + 2 * t + (i & 1);
-      if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
+      for (int i = 0; i < 4; ++i) {
+        const int row = n0 + row_a + (i >= 2 ? 8 : 0);
+        const int m = m0 + 8 * j + 2 * t + (i & 1);
+        if (m < p.m && row < p.n) store_tile_result<T>(p, m, row, acc[4 * j + i]);
+      }
+    return;
+  }
+  // The y tile [BM x rows of x][128 weight rows] through shared memory (the ring is idle once
+  // every consumer's wgmmas retired: the barrier below), then stored in coalesced 16-byte
+  // pieces. stmatrix .trans writes each 8 x 8 block of the accumulator (8 weight rows x 8 x
+  // rows) as 8 rows of y, 16 bytes each; rows kOutRow bytes apart (+16: the 8 rows of a phase
+  // fall in 8 different bank groups). H100, fp16, CUDA graphs, us, against one 2-byte store
+  // per value from the accumulator registers (4 rows x 16 bytes per warp store): 4096x14336
+  // M = 256 / 1024 / 4096 56.6 / 212 / 761 -> 50.6 / 189 / 663; 4096x4096 M=1024 56.0 -> 50.8;
+  // 8192x28672 M=256 198 -> 182; M <= 128 within 2% except 4096x14336 M=128 41.0 -> 38.3
+  // (.dev/epi_ab.py, 2026-11-23 (o)).
+  constexpr int kOutRow = kWgmmaBN * 2 + 16;
+  named_barrier_sync(1, 256);
+  float b0 = 0.f, b1 = 0.f;  // bias of this lane's rows row_a, row_a + 8 (added in fp32, as before)
+  if (p.bias != nullptr) {
+    if (n0 + row_a < p.n) b0 = load_bias<T>(p, n0 + row_a);
+    if (n0 + row_a + 8 < p.n) b1 = load_bias<T>(p, n0 + row_a + 8);
+  }
+  {
+    const int q = lane >> 3, c = lane & 7;  // this lane's address: row c of matrix q
+    const uint32_t base = smem_u32(smem) + (8 * (q >> 1) + c) * kOutRow + (16 * warp + 8 * (q & 1)) * 2;
+#pragma unroll
+    for (int j = 0; j < BM / 8; j += 2)
+      stmatrix_x4_trans(base + 8 * j * kOutRow, pack2<T>(acc[4 * j] + b0, acc[4 * j + 1] + b0),
+                        pack2<T>(acc[4 * j + 2] + b1, acc[4 * j + 3] + b1),
+                        pack2<T>(acc[4 * j + 4] + b0, acc[4 * j + 5] + b0),
+                        pack2<T>(acc[4 * j + 6] + b1, acc[4 * j + 7] + b1));
+  }
+  named_barrier_sync(1, 256);
+  T* out = static_cast<T*>(p.out);
+  for (int e = ct; e < BM * 16; e += 256) {
+    const int m = m0 + (e >> 4), n = n0 + 8 * (e & 15);
+    if (m >= p.m || n >= p.n) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + (e >> 4) * kOutRow + 16 * (e & 15));
+    T* dst = out + static_cast<int64_t>(m) * p.n + n;
+    if (n + 8 <= p.n && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {  // ragged N or unaligned rows: element by element
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint16_t bits = static_cast<uint16_t>(w[i >> 1] >> (16 * (i & 1)));
+        if (n + i < p.n) dst[i] = *reinterpret_cast<const T*>(&bits);
+      }
     }
+  }
 #else
   __trap();  // the host launches this kernel only on sm_90a code
 #endif
