@@ -6,8 +6,8 @@
 // steps (128 of K each): one thread issues TMA copies per step, two 64-wide slabs of x (128-byte
 // swizzle: 16-byte chunk c of row r at c ^ (r & 7), wgmma's K-major B layout) and the 128
 // weight rows' 64 bytes (64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3), so the 8 rows
-// of an LDS.128 phase hit 8 bank groups); one warp stores the step's scales and zero points in
-// shared memory. Stages change hands by mbarriers (full: the TMA bytes landed and the
+// of an LDS.128 phase hit 8 bank groups); one to three warps store the steps' scales and zero
+// points in shared memory. Stages change hands by mbarriers (full: the TMA bytes landed and the
 // constants are stored; empty: the consumers' wgmmas of that stage retired), never a CTA
 // barrier. The two consumer warpgroups (232 registers), 64 weight rows each, dequantize the
 // weight straight into wgmma's register operand (A): per k16 slice, lane t takes byte t of
@@ -216,6 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using R = Ring<BM>;
+  constexpr int kConstsWarps = BM <= 128 ? 3 : 1;  // producer warps loading scales/zero points
   constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kStageBytes = R::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   __shared__ uint64_t full[kStages], empty[kStages];
@@ -248,10 +249,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_2d(dst + kXSlab, &xmap, kb + 64, m0, &full[st]);
         tma_2d(dst + 2 * kXSlab, &wmap, kb / 8, n0, &full[st]);
       }
-    } else if (threadIdx.x >= 32 && threadIdx.x < 64) {
-      // The stage's scales and zero points: loaded up to kStages - 1 steps before their use.
-      const int lane = threadIdx.x - 32;
-      for (int step = 0; step < steps; ++step) {
+    } else if (threadIdx.x >= 32 && threadIdx.x < 32 + 32 * kConstsWarps) {
+      // The stage's scales and zero points, loaded up to kStages - 1 steps before their use;
+      // warp w (1..kConstsWarps) takes steps w - 1, w - 1 + kConstsWarps, ... Each step's loads
+      // are a global round trip the warp waits for, so one warp delivers one step per memory
+      // latency: at M <= 128 that bounded the kernel (~1.3 us per step). H100, fp16, CUDA
+      // graphs, us, 3 warps vs 1: M=64 8192x8192 33.0 vs 42.2, 8192x28672 83.6 vs 103.4,
+      // 4096x14336 26.8 vs 35.8, 14336x4096 29.7 vs 38.0; M=128 8192x8192 41.9 vs 47.1; M=256
+      // within 1% except 8192x28672 179 vs 189; M=1024 (256 x rows) up to 4% slower, so those
+      // keep one (.dev/cw_ab.py, 2026-11-23 (o)).
+      const int lane = threadIdx.x & 31;
+      for (int step = threadIdx.x / 32 - 1; step < steps; step += kConstsWarps) {
         const int st = step % kStages;
         if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
         const int kb = k_begin + step * kChunkK;
