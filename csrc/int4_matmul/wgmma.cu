@@ -86,11 +86,10 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 // Two fp32 values rounded to T, lo in the low half.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __half>)
-    return __half_as_ushort(__float2half_rn(lo)) | static_cast<uint32_t>(__half_as_ushort(__float2half_rn(hi))) << 16;
-  else
-    return __bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-           static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16;
+  typename Traits<T>::T2 v;
+  v.x = from_float<T>(lo);
+  v.y = from_float<T>(hi);
+  return as_u32(v);
 }
 // Four 8 x 8 16-bit matrices (mma fragment layout, one register each) stored transposed:
 // row r of matrix i (16 bytes) at the address of lane 8 i + r.
@@ -197,7 +196,7 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int in
 #endif
 }
 
-template <typename T, typename S, bool HAS_ZEROS, int G, int NBUF, int BM>
+template <typename T, typename S, bool HAS_ZEROS, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -273,11 +272,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[BM / 2];
 #pragma unroll
   for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-  // Slices are issued in batches of G (one commit group each), NBUF batches' A registers
-  // alive: a batch's registers are rewritten only after its group retired.
-  constexpr int kBatches = 8 / G;
-  static_assert(8 % G == 0 && kBatches % NBUF == 0 && NBUF - 2 < kBatches, "batching");
-  uint32_t a[NBUF][G][4];
+  // The 8 slices of a step go in 2 batches of 4 (one commit group each), with one A register
+  // set per batch: a batch's registers are rewritten only after its group retired.
+  constexpr int G = 4;
+  uint32_t a[2][G][4];
   const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
 
   for (int step = 0; step < steps; ++step) {
@@ -292,8 +290,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t x_addr = smem_u32(xs);
     uint4 wa, wb;
 #pragma unroll
-    for (int b = 0; b < kBatches; ++b) {
-      uint32_t(&buf)[G][4] = a[b % NBUF];
+    for (int b = 0; b < 2; ++b) {
+      uint32_t(&buf)[G][4] = a[b];
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         const int s = b * G + j, u = s >> 1, h = s & 1;
@@ -313,17 +311,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_n<T, BM>(acc, buf[j], desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
       }
       wgmma_commit();
-      wgmma_wait<NBUF - 1>();
-      // Batches up to this one minus NBUF - 1 have retired: at batch NBUF - 2 the previous
-      // step's last one, so its stage goes back to the producers (with NBUF = 1, this step's
-      // at its last batch). (One arrival per warpgroup would do in practice, its warps' reads
-      // precede their wgmmas, but compute-sanitizer's racecheck cannot see that order: it
-      // reported the constants' stores against their reads.)
-      if constexpr (NBUF == 1) {
-        if (b == kBatches - 1) mbar_arrive(&empty[st]);
-      } else {
-        if (b == NBUF - 2 && step > 0) mbar_arrive(&empty[(step - 1) % kStages]);
-      }
+      wgmma_wait<1>();
+      // The group before this one has retired: at batch 0, the previous step's last, so its
+      // stage goes back to the producers. (One arrival per warpgroup would do in practice,
+      // its warps' reads precede their wgmmas, but compute-sanitizer's racecheck cannot see
+      // that order: it reported the constants' stores against their reads.)
+      if (b == 0 && step > 0) mbar_arrive(&empty[(step - 1) % kStages]);
     }
   }
   wgmma_wait<0>();
@@ -423,7 +416,7 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
   // 840 -> 696; 8192x28672 M = 128 / 256 121.9 / 198 (was 140.9 / 216). Batches of 8 with
   // one alive (no ptxas serialization either): within 2% at M <= 256, +-10% at M >= 1024
   // (.dev/wg_ab.py, 2026-11-23 (o)).
-  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, 4, 2, BM>;
+  auto kernel = wgmma_kernel<T, S, HAS_ZEROS, BM>;
   static std::array<std::atomic<bool>, 64> prepared{};
   std::atomic<bool>* flag = device >= 0 && device < 64 ? &prepared[device] : nullptr;
   if (flag == nullptr || !flag->load(std::memory_order_acquire)) {
