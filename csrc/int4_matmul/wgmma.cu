@@ -1,4 +1,4 @@
-// INT4 GEMM for M > 32 on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
+// INT4 GEMM for M > 16 on Hopper (sm_90a builds, cc 9.0 devices): wgmma_kernel, a CTA of
 // three warpgroups over 128 weight rows x BM rows of x (64 up to M = 64, 128 up to 128, else 256),
 // y^T tile = W tile @ x tile^T.
 //
@@ -6,9 +6,10 @@
 // steps (128 of K each): one thread issues TMA copies per step, two 64-wide slabs of x (128-byte
 // swizzle: 16-byte chunk c of row r at c ^ (r & 7), wgmma's K-major B layout) and the 128
 // weight rows' 64 bytes (64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3), so the 8 rows
-// of an LDS.128 phase hit 8 bank groups); one to three warps store the steps' scales and zero
-// points in shared memory. Stages change hands by mbarriers (full: the TMA bytes landed and the
-// constants are stored; empty: the consumers' wgmmas of that stage retired), never a CTA
+// of an LDS.128 phase hit 8 bank groups); one warp copies the steps' scales and zero points
+// into shared memory with cp.async (one to three warps load and store them where N % 4 != 0
+// or they are not aligned). Stages change hands by mbarriers (full: the TMA bytes landed and the
+// constants landed; empty: the consumers' wgmmas of that stage retired), never a CTA
 // barrier. The two consumer warpgroups (232 registers), 64 weight rows each, dequantize the
 // weight straight into wgmma's register operand (A): per k16 slice, lane t takes byte t of
 // words 2s and 2s + 1 (codes 2t, 2t + 1 and 2t + 8, 2t + 9: the mma.m16n8k16 A fragment); a
@@ -53,9 +54,14 @@ namespace int4mm {
 namespace {
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t desc_k128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
+// Low word: the start address >> 4 (14 bits) and the leading byte offset (1, unused by the
+// swizzled K-major layout); high word: the stride (1024 >> 4) and the 128-byte swizzle mode.
+// Shared addresses are below 2^18, so adding (offset >> 4) to a low word never carries out of
+// the address field: the consumers build one low word per stage and add constants per slice
+// (the loop's static SASS: 251 -> 233 instructions per K step; timing unchanged within 2%).
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc_k128(uint32_t lo) {
+  return static_cast<uint64_t>(lo) | (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32);
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -173,6 +179,34 @@ struct ByteDequant {
   }
 };
 
+// The bits of a scale of dtype S as x's dtype T (rounded once when they differ).
+template <typename T, typename S>
+__device__ __forceinline__ uint32_t scale_bits_of(uint16_t bits) {
+  if constexpr (std::is_same_v<T, S>) {
+    return bits;
+  } else {
+    const T v = to_x_dtype<T>(*reinterpret_cast<const S*>(&bits));
+    return *reinterpret_cast<const uint16_t*>(&v);
+  }
+}
+
+// kBytes (4 or 8) global -> shared through L1, zero-filled when !ok (`src` is then not read).
+template <int kBytes>
+__device__ __forceinline__ void cp_async_small(void* dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_u32(dst)), "l"(src), "n"(kBytes),
+               "r"(ok ? kBytes : 0)
+               : "memory");
+#endif
+}
+// One arrival on `bar` once this thread's earlier cp.async copies have landed (counted in the
+// barrier's expected arrivals: no pending-count increment).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+
 constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
 
 // The TMA ring for BM rows of x per CTA (64, 128 or 256).
@@ -198,14 +232,17 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int in
 
 template <typename T, typename S, bool HAS_ZEROS, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
-    wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p) {
+    wgmma_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const Params p,
+                 const bool async_consts) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using R = Ring<BM>;
   constexpr int kConstsWarps = BM <= 128 ? 3 : 1;  // producer warps loading scales/zero points
   constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kStageBytes = R::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   __shared__ uint64_t full[kStages], empty[kStages];
-  __shared__ uint32_t consts[kStages][kWgmmaBN];  // by stage and weight row: scale bits | zero << 16
+  // By stage and weight row: the scale's bits (dtype S) and the zero point.
+  __shared__ __align__(16) uint16_t cscale[kStages][kWgmmaBN];
+  __shared__ __align__(16) uint8_t czero[kStages][kWgmmaBN];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * BM;
   const int k_begin = blockIdx.z * p.k_per_split;
@@ -214,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&full[i], 1 + 32);  // the TMA thread (with its bytes) and the constants' warp
+      mbar_init(&full[i], 1 + 32);  // the TMA thread (with its bytes) and a constants warp's lanes
       mbar_init(&empty[i], 256);     // every consumer thread (each after its own reads)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;" ::: "memory");
@@ -234,16 +271,40 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_2d(dst + kXSlab, &xmap, kb + 64, m0, &full[st]);
         tma_2d(dst + 2 * kXSlab, &wmap, kb / 8, n0, &full[st]);
       }
-    } else if (threadIdx.x >= 32 && threadIdx.x < 32 + 32 * kConstsWarps) {
-      // The stage's scales and zero points, loaded up to kStages - 1 steps before their use;
-      // warp w (1..kConstsWarps) takes steps w - 1, w - 1 + kConstsWarps, ... Each step's loads
-      // are a global round trip the warp waits for, so one warp delivers one step per memory
-      // latency: at M <= 128 that bounded the kernel (~1.3 us per step). H100, fp16, CUDA
-      // graphs, us, 3 warps vs 1: M=64 8192x8192 33.0 vs 42.2, 8192x28672 83.6 vs 103.4,
-      // 4096x14336 26.8 vs 35.8, 14336x4096 29.7 vs 38.0; M=128 8192x8192 41.9 vs 47.1; M=256
-      // within 1% except 8192x28672 179 vs 189; M=1024 (256 x rows) up to 4% slower, so those
-      // keep one (.dev/cw_ab.py, 2026-11-23 (o)).
+    } else if (async_consts && threadIdx.x >= 32 && threadIdx.x < 64) {
+      // The stage's scales and zero points when N % 4 == 0 and the scales (zero points) are 8-
+      // (4-) byte aligned: one warp, every step in order; each lane copies 4 rows' scales (8
+      // bytes) and zero points (4 bytes) with cp.async and arrives when they land, so the warp
+      // never waits for memory. Against the path below, H100, fp16, CUDA graphs, us (.dev/ab.py,
+      // 2026-11-23 (p)): M=64 4096x4096 16.8 -> 15.7, 4096x14336 27.4 -> 26.2, 8192x8192 32.1 ->
+      // 31.0, 8192x28672 85.6 -> 83.1, 14336x4096 29.5 -> 28.2; M=128 within 2%.
       const int lane = threadIdx.x & 31;
+      const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
+      for (int step = 0; step < steps; ++step) {
+        const int st = step % kStages;
+        if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
+        const int kb = k_begin + step * kChunkK;
+        const int64_t gbase = static_cast<int64_t>(p.group_shift >= 0 ? kb >> p.group_shift : 0) * p.n;
+        const int n = n0 + 4 * lane;  // a lane's 4 rows are all in range or none
+        const bool ok = n < p.n;
+        cp_async_small<8>(&cscale[st][4 * lane], ok ? scales + gbase + n : scales, ok);
+        if constexpr (HAS_ZEROS) cp_async_small<4>(&czero[st][4 * lane], ok ? p.zeros + gbase + n : p.zeros, ok);
+        cp_async_arrive(&full[st]);
+      }
+      asm volatile("cp.async.wait_all;" ::: "memory");  // (all landed already: the consumers waited for them)
+    } else if (!async_consts && threadIdx.x >= 32 && threadIdx.x < 32 + 32 * kConstsWarps) {
+      // Otherwise loaded and stored by the lanes, up to kStages - 1 steps before their use; warp
+      // w (1..kConstsWarps) takes steps w - 1, w - 1 + kConstsWarps, ... Each step's loads are a
+      // global round trip the warp waits for, so one warp delivers one step per memory latency:
+      // at M <= 128 that bounded the kernel (~1.3 us per step). H100, fp16, CUDA graphs, us, 3
+      // warps vs 1: M=64 8192x8192 33.0 vs 42.2, 8192x28672 83.6 vs 103.4, 4096x14336 26.8 vs
+      // 35.8, 14336x4096 29.7 vs 38.0; M=128 8192x8192 41.9 vs 47.1; M=256 within 1% except
+      // 8192x28672 179 vs 189; M=1024 (256 x rows) up to 4% slower, so those keep one
+      // (.dev/cw_ab.py, 2026-11-23 (o)). (A parity wait cannot tell phase n from n - 2: each
+      // warp's previous step must imply the release two phases back, as it does for these
+      // warp counts and stage counts.)
+      const int lane = threadIdx.x & 31;
+      const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
       for (int step = threadIdx.x / 32 - 1; step < steps; step += kConstsWarps) {
         const int st = step % kStages;
         if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
@@ -253,9 +314,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < kWgmmaBN / 32; ++i) {
           const int n = n0 + lane + 32 * i;
           const bool ok = n < p.n;
-          const uint32_t sb = ok ? scale_bits<T, S>(p, gbase + n) : 0u;
-          const uint32_t z = HAS_ZEROS && ok ? static_cast<uint32_t>(p.zeros[gbase + n]) : 8u;
-          consts[st][lane + 32 * i] = sb | z << 16;
+          cscale[st][lane + 32 * i] = ok ? scales[gbase + n] : uint16_t{0};
+          if constexpr (HAS_ZEROS) czero[st][lane + 32 * i] = ok ? p.zeros[gbase + n] : uint8_t{0};
         }
         mbar_arrive(&full[st]);  // release: the consumers' wait (acquire) sees the stores
       }
@@ -278,16 +338,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t a[2][G][4];
   const uint32_t sel = std::is_same_v<T, __half> ? t * 0x1111u : (t | t << 4 | (4 + t) << 8 | (4 + t) << 12);
 
+  const uint32_t ring_lo = desc_lo(smem_u32(smem));  // descriptor of stage 0's first x slice
   for (int step = 0; step < steps; ++step) {
     const int st = step % kStages;
     mbar_wait(&full[st], (step / kStages) & 1);
     ByteDequant<T> da, db;
-    const uint32_t ca = consts[st][row_a], cb = consts[st][row_a + 8];
-    da.init(ca & 0xFFFFu, ca >> 16);
-    db.init(cb & 0xFFFFu, cb >> 16);
-    const uint8_t* xs = smem + st * kStageBytes;
-    const uint8_t* ws = xs + 2 * kXSlab;
-    const uint32_t x_addr = smem_u32(xs);
+    da.init(scale_bits_of<T, S>(cscale[st][row_a]), HAS_ZEROS ? czero[st][row_a] : 8u);
+    db.init(scale_bits_of<T, S>(cscale[st][row_a + 8]), HAS_ZEROS ? czero[st][row_a + 8] : 8u);
+    const uint8_t* ws = smem + st * kStageBytes + 2 * kXSlab;
+    const uint32_t stage_lo = ring_lo + st * (kStageBytes >> 4);
     uint4 wa, wb;
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
@@ -308,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         const int s = b * G + j;
-        wgmma_n<T, BM>(acc, buf[j], desc_k128(x_addr + (s >> 2) * kXSlab + (s & 3) * 32));
+        wgmma_n<T, BM>(acc, buf[j], desc_k128(stage_lo + (((s >> 2) * kXSlab + (s & 3) * 32) >> 4)));
       }
       wgmma_commit();
       wgmma_wait<1>();
@@ -434,8 +493,10 @@ void launch_one(const Params& p, const TilePlan& plan, cudaStream_t stream, int 
                                       CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap wmap = encode_map(p.packed, CU_TENSOR_MAP_DATA_TYPE_INT32, p.kw, p.n, p.kw * 4, 16, kWgmmaBN,
                                       CU_TENSOR_MAP_SWIZZLE_64B);
+  const bool async_consts = p.n % 4 == 0 && reinterpret_cast<uintptr_t>(p.scales) % 8 == 0 &&
+                            (p.zeros == nullptr || reinterpret_cast<uintptr_t>(p.zeros) % 4 == 0);
   const dim3 grid(plan.ctas_n, plan.ctas_m, plan.splits);
-  kernel<<<grid, kThreads, Ring<BM>::kSmem, stream>>>(xmap, wmap, p);
+  kernel<<<grid, kThreads, Ring<BM>::kSmem, stream>>>(xmap, wmap, p, async_consts);
 }
 
 template <typename T, typename S, bool HAS_ZEROS>
