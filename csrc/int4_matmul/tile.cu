@@ -264,9 +264,10 @@ TilePlan plan_tile(int m, int n, int k, int group_shift, int device) {
   // vs 44.4 / 121 / 19.1 / 39.7 / 39.1. 128 / 256 rows (earlier sweep): M=128 48.7 / 146 / 22.0
   // / 42.8 / 86.7 vs 62.6 / 244 / 25.5 / 51.1 / 100; M=256 74.2 / 278 / 31.2 / 71.4 / 79.6 vs
   // 62.6 / 198 / 28.2 / 54.5 / 137 (4096x14336 then at 8 splits of 4 K steps: the split rule).
-  // M = 17-32 (2026-11-23 (p), .dev/ab.py): the 64-row wgmma tile against tile 0 (mma.sync),
-  // 8192x8192 / 8192x28672 / 4096x14336 / 14336x4096 / 4096x4096 at M=32: 31.0 / 84.9 / 27.7 /
-  // 28.7 / 17.0 vs 38.1 / 137 / 36.1 / 35.5 / 18.2.
+  // M = 17-32: the 64-row wgmma tile against tile 0 (mma.sync). H100, fp16, CUDA graphs, us
+  // (scripts/int4_ab.py, 2026-11-23 (p)), 8192x8192 / 8192x28672 / 4096x14336 / 14336x4096 /
+  // 4096x4096: M=17 29.4 / 87.8 / 28.5 / 26.9 / 14.4 vs 37.2 / 120.0 / 35.1 / 34.4 / 16.9; M=32
+  // 29.2 / 81.5 / 26.1 / 26.9 / 15.2 vs 38.3 / 137.9 / 36.4 / 35.3 / 18.4.
   plan.config = !wgmma ? (m <= 64 ? 0 : 1) : m <= 64 ? 2 : m <= 128 ? 3 : 4;
   if (const char* env = std::getenv("DEEPKERN_INT4_TILE")) {
     plan.config = std::clamp(std::atoi(env), 0, kTileConfigs + kWgmmaConfigs - 1);
