@@ -44,6 +44,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "common/async_copy.cuh"
 #include "common/device.h"
 #include "common/mbarrier.cuh"
 #include "common/vec.cuh"
@@ -179,34 +180,6 @@ struct ByteDequant {
   }
 };
 
-// The bits of a scale of dtype S as x's dtype T (rounded once when they differ).
-template <typename T, typename S>
-__device__ __forceinline__ uint32_t scale_bits_of(uint16_t bits) {
-  if constexpr (std::is_same_v<T, S>) {
-    return bits;
-  } else {
-    const T v = to_x_dtype<T>(*reinterpret_cast<const S*>(&bits));
-    return *reinterpret_cast<const uint16_t*>(&v);
-  }
-}
-
-// kBytes (4 or 8) global -> shared through L1, zero-filled when !ok (`src` is then not read).
-template <int kBytes>
-__device__ __forceinline__ void cp_async_small(void* dst, const void* src, bool ok) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_u32(dst)), "l"(src), "n"(kBytes),
-               "r"(ok ? kBytes : 0)
-               : "memory");
-#endif
-}
-// One arrival on `bar` once this thread's earlier cp.async copies have landed (counted in the
-// barrier's expected arrivals: no pending-count increment).
-__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
-#endif
-}
-
 constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
 
 // The TMA ring for BM rows of x per CTA (64, 128 or 256).
@@ -240,8 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kStages = R::kStages, kXSlab = R::kXSlab, kStageBytes = R::kStageBytes;
   extern __shared__ uint8_t smem_raw[];
   __shared__ uint64_t full[kStages], empty[kStages];
-  // By stage and weight row: the scale's bits (dtype S) and the zero point.
-  __shared__ __align__(16) uint16_t cscale[kStages][kWgmmaBN];
+  // By stage and weight row: the scale (dtype S) and the zero point.
+  __shared__ __align__(16) S cscale[kStages][kWgmmaBN];
   __shared__ __align__(16) uint8_t czero[kStages][kWgmmaBN];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const int n0 = blockIdx.x * kWgmmaBN, m0 = blockIdx.y * BM;
@@ -279,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 2026-11-23 (p)): M=64 4096x4096 16.8 -> 15.7, 4096x14336 27.4 -> 26.2, 8192x8192 32.1 ->
       // 31.0, 8192x28672 85.6 -> 83.1, 14336x4096 29.5 -> 28.2; M=128 within 2%.
       const int lane = threadIdx.x & 31;
-      const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
+      const S* scales = static_cast<const S*>(p.scales);
       for (int step = 0; step < steps; ++step) {
         const int st = step % kStages;
         if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
@@ -287,9 +260,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t gbase = static_cast<int64_t>(p.group_shift >= 0 ? kb >> p.group_shift : 0) * p.n;
         const int n = n0 + 4 * lane;  // a lane's 4 rows are all in range or none
         const bool ok = n < p.n;
-        cp_async_small<8>(&cscale[st][4 * lane], ok ? scales + gbase + n : scales, ok);
-        if constexpr (HAS_ZEROS) cp_async_small<4>(&czero[st][4 * lane], ok ? p.zeros + gbase + n : p.zeros, ok);
-        cp_async_arrive(&full[st]);
+        cp_async<8>(&cscale[st][4 * lane], ok ? scales + gbase + n : scales, ok);
+        if constexpr (HAS_ZEROS) cp_async<4>(&czero[st][4 * lane], ok ? p.zeros + gbase + n : p.zeros, ok);
+        cp_async_mbar_arrive(&full[st]);
       }
       asm volatile("cp.async.wait_all;" ::: "memory");  // (all landed already: the consumers waited for them)
     } else if (!async_consts && threadIdx.x >= 32 && threadIdx.x < 32 + 32 * kConstsWarps) {
@@ -304,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // warp's previous step must imply the release two phases back, as it does for these
       // warp counts and stage counts.)
       const int lane = threadIdx.x & 31;
-      const uint16_t* scales = static_cast<const uint16_t*>(p.scales);
+      const S* scales = static_cast<const S*>(p.scales);
       for (int step = threadIdx.x / 32 - 1; step < steps; step += kConstsWarps) {
         const int st = step % kStages;
         if (step >= kStages) mbar_wait(&empty[st], (step / kStages - 1) & 1);
@@ -314,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < kWgmmaBN / 32; ++i) {
           const int n = n0 + lane + 32 * i;
           const bool ok = n < p.n;
-          cscale[st][lane + 32 * i] = ok ? scales[gbase + n] : uint16_t{0};
+          cscale[st][lane + 32 * i] = ok ? scales[gbase + n] : S{};
           if constexpr (HAS_ZEROS) czero[st][lane + 32 * i] = ok ? p.zeros[gbase + n] : uint8_t{0};
         }
         mbar_arrive(&full[st]);  // release: the consumers' wait (acquire) sees the stores
@@ -343,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int st = step % kStages;
     mbar_wait(&full[st], (step / kStages) & 1);
     ByteDequant<T> da, db;
-    da.init(scale_bits_of<T, S>(cscale[st][row_a]), HAS_ZEROS ? czero[st][row_a] : 8u);
-    db.init(scale_bits_of<T, S>(cscale[st][row_a + 8]), HAS_ZEROS ? czero[st][row_a + 8] : 8u);
+    da.init(scale_bits_as<T>(cscale[st][row_a]), HAS_ZEROS ? czero[st][row_a] : 8u);
+    db.init(scale_bits_as<T>(cscale[st][row_a + 8]), HAS_ZEROS ? czero[st][row_a + 8] : 8u);
     const uint8_t* ws = smem + st * kStageBytes + 2 * kXSlab;
     const uint32_t stage_lo = ring_lo + st * (kStageBytes >> 4);
     uint4 wa, wb;

@@ -147,7 +147,9 @@ def _check(who, x, packed, scales, n, k, bias):
 
 # auto: the CUDA kernels up to this M, Triton beyond. H100, (K, N) = (8192, 8192) /
 # (8192, 28672), fp16, us (.dev/i4_tile.py, CUDA graphs): M=17 CUDA 41.8 / 125.6 vs Triton
-# 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5.
+# 45.2 / 150.5; M=32 43.6 / 145.2 vs 44.9 / 147.6; M=64 57.5 / 196.7 vs 45.9 / 151.5 (the
+# mma.sync tile kernel; on Hopper M = 17-32 run on the wgmma kernel since 8aafff8: M=32 29.2 /
+# 81.5 us).
 CUDA_FIRST_MAX_M = 32
 # ... and past it again where the CUDA wgmma kernel runs (Hopper, sm_90a build, groups of
 # >= 128 or channelwise). H100, fp16, us (.dev/bm64_ab.py, CUDA graphs, 2026-11-23 (o)), CUDA
