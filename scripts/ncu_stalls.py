@@ -7,7 +7,7 @@
 
 Prints, per instruction (most samples first): stall samples, its index in the listing,
 times executed, the SASS. This is how the serialized wgmmas of the int4 kernel showed up
-(docs/perf-notes.md, int4_matmul session (o)): the top rows were `WARPGROUP.DEPBAR.LE gsb0,
+(docs/perf-notes/int4_matmul.md, session (o)): the top rows were `WARPGROUP.DEPBAR.LE gsb0,
 0x0` after every HGMMA. Runs anywhere (reads the CSV only).
 """
 

@@ -24,7 +24,7 @@
 // shared memory once. Split-K keeps every SM streaming at M = 1: fp32 partials
 // [splits, M, N] are summed in split order by a second kernel (sum_splits_kernel, common.cuh),
 // so results are deterministic.
-// Measured history and what did not work: docs/perf-notes.md (int4_matmul).
+// Measured history and what did not work: docs/perf-notes/int4_matmul.md.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

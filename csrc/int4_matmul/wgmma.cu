@@ -27,7 +27,7 @@
 // arithmetic) 8192x8192 M = 128 / 256 / 1024 / 4096 71.1 / 90.7 / 286 / 1168 -> 48.7 / 62.6 /
 // 199 / 849 (cuBLAS 62.4 / 65.5 / 187 / 842); scales still loaded by the consumers one step
 // ahead: M=128 56.6 (their global loads' latency stalled every step).
-// Measured history: docs/perf-notes.md (int4_matmul, l and n).
+// Measured history: docs/perf-notes/int4_matmul.md (sessions l to q).
 //
 // Groups of >= 128 (and channelwise) only: one scale and zero point per row per K step.
 // The y tile goes out through shared memory (stmatrix, 16-byte stores); split-K partials and
