@@ -370,10 +370,9 @@ __device__ __forceinline__ void cluster_sums_init(ClusterSums<V>& x) {
 #endif
 }
 
-// Use q (0 or 1) of `x`: every CTA's v in x.slot[q][its rank] of every CTA of the cluster
-// (`ctas` CTAs; `rank` is this CTA's), returning once this CTA's slots are all filled.
+// Use q (0 or 1) of `x`: the total of v over the cluster's `ctas` CTAs; `rank` is this CTA's.
 template <typename V>
-__device__ __forceinline__ void cluster_exchange(V v, ClusterSums<V>& x, int q, int ctas, int rank) {
+__device__ __forceinline__ V cluster_total(V v, ClusterSums<V>& x, int q, int ctas, int rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (threadIdx.x == 0) mbar_expect_tx(&x.bar[q], static_cast<uint32_t>(ctas * sizeof(V)));
   if (static_cast<int>(threadIdx.x) < ctas) {  // thread r pushes to CTA r
@@ -390,19 +389,13 @@ __device__ __forceinline__ void cluster_exchange(V v, ClusterSums<V>& x, int q, 
     }
   }
   mbar_wait(&x.bar[q], 0);
-#else
-  __trap();
-#endif
-}
-
-// Use q of `x`: the total of v over the cluster's CTAs, added in rank order (the same bits in
-// every CTA).
-template <typename V>
-__device__ __forceinline__ V cluster_total(V v, ClusterSums<V>& x, int q, int ctas, int rank) {
-  cluster_exchange(v, x, q, ctas, rank);
   V total = x.slot[q][0];
   for (int r = 1; r < ctas; ++r) total = add(total, x.slot[q][r]);
   return total;
+#else
+  __trap();
+  return v;
+#endif
 }
 
 // CTA total of ROWS per-thread values (one per row): group_sum, or group_sum2 for two rows.
@@ -442,19 +435,14 @@ __device__ __forceinline__ float component(float2 v, int r) { return r == 0 ? v.
 // Instructions (ncu, 16384x8192 bf16): 39 per element before the copies of the normalize phase
 // without per-vector branches and per-element defaults and the lane-parallel block sums, 33
 // after (211 vs 254 us under ncu; Triton's forward 31).
-// CHAN (one row per CTA, LayerNorm, ctas > 1): each CTA centers its part on the part's own
-// mean and the cluster exchanges (sum, centered squares) pairs once per row; every CTA merges
-// them in rank order with Chan's formula, M2 = sum_r M2_r + n_r (mean_r - mean)^2, so a row
-// waits for its cluster once instead of twice (the mean is the same bits as without CHAN).
-template <typename T, typename PT, int ITERS, int ROWS, bool TANH, int MIN_CTAS = 0, bool CHAN = false>
+template <typename T, typename PT, int ITERS, int ROWS, bool TANH, int MIN_CTAS = 0>
 __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, MIN_CTAS ? MIN_CTAS : (ITERS * ROWS > 8 ? 1 : 4))
     fwd_split_kernel(FwdParams p, int ctas, int iters) {
   static_assert(ROWS == 1 || ROWS == 2, "one or two rows per CTA");
-  static_assert(!CHAN || ROWS == 1, "CHAN: one row per CTA");
   constexpr int VEC = 16 / sizeof(T);
   using V = std::conditional_t<ROWS == 1, float, float2>;
   __shared__ float scratch[2][32];
-  __shared__ ClusterSums<std::conditional_t<CHAN, float2, V>> sums;  // the cluster's row sums (ctas > 1)
+  __shared__ ClusterSums<V> sums;  // the cluster's row sums (ctas > 1)
   const int t = threadIdx.x, warps = blockDim.x / 32;
   const int64_t row0 = blockIdx.x / ctas * ROWS;
   const int n = p.n, nvec = n / VEC;
@@ -481,11 +469,7 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, MIN_CTAS ? MIN_C
   fetch(p.x, p.x_stride, px);
   if (ctas > 1) cluster_sums_init(sums);
   auto total_of = [&](V v, int q) {
-    if constexpr (CHAN) {  // RMSNorm in a CHAN kernel: the sums through the float2 slots
-      return ctas > 1 ? cluster_total(make_float2(v, 0.f), sums, q, ctas, static_cast<int>(blockIdx.x % ctas)).x : v;
-    } else {
-      return ctas > 1 ? cluster_total(v, sums, q, ctas, static_cast<int>(blockIdx.x % ctas)) : v;
-    }
+    return ctas > 1 ? cluster_total(v, sums, q, ctas, static_cast<int>(blockIdx.x % ctas)) : v;
   };
   if (p.res) {
     uint4 pr[ROWS][ITERS];
@@ -505,6 +489,24 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, MIN_CTAS ? MIN_C
   float mean[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) mean[r] = 0.f;
+  if (!p.rms) {
+    float sum[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      sum[r] = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum[r] += widen<T>(px[r][i], j);
+    }
+    const V total = total_of(cta_total<ROWS>(sum, warps, scratch, 0), 0);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) mean[r] = component(total, r) / n;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) opaque(px[r][i]);
+  }
   // A thread whose vectors all lie inside the row (every thread where the row fills its CTAs)
   // runs the loops below without a branch per vector (~3 SASS instructions each).
   const bool full = inside(iters - 1);
@@ -523,71 +525,15 @@ __global__ void __launch_bounds__(ITERS * ROWS > 8 ? 512 : 256, MIN_CTAS ? MIN_C
       }
     }
   };
+  float ss[ROWS];
+  if (full)
+    centered_squares(std::true_type{}, ss);
+  else
+    centered_squares(std::false_type{}, ss);
+  const V ss_total = total_of(cta_total<ROWS>(ss, warps, scratch, 1), 1);
   float rstd[ROWS];
-  bool merged = false;  // CHAN: statistics done by one exchange of (sum, M2) pairs
-  if constexpr (CHAN) {
-    if (!p.rms && ctas > 1) {
-      float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) sum += widen<T>(px[0][i], j);
-      const float cta_sum = group_sum(sum, warps, scratch[0]);
-      // Elements of rank r's part: vectors [r * iters * tpr, min((r + 1) * iters * tpr, nvec)).
-      auto count = [&](int r) {
-        return static_cast<float>(max(min((r + 1) * iters * tpr, nvec) - r * iters * tpr, 0) * VEC);
-      };
-      const int rank = static_cast<int>(blockIdx.x % ctas);
-      const float own = count(rank);
-      mean[0] = own > 0.f ? cta_sum / own : 0.f;  // this part's mean
-#pragma unroll
-      for (int i = 0; i < ITERS; ++i) opaque(px[0][i]);
-      float ss[1];
-      if (full)
-        centered_squares(std::true_type{}, ss);
-      else
-        centered_squares(std::false_type{}, ss);
-      cluster_exchange(make_float2(cta_sum, group_sum(ss[0], warps, scratch[1])), sums, 0, ctas, rank);
-      float total = 0.f;
-      for (int r = 0; r < ctas; ++r) total += sums.slot[0][r].x;
-      mean[0] = total / n;  // the same bits as cluster_total's
-      float m2 = 0.f;
-      for (int r = 0; r < ctas; ++r) {
-        const float c = count(r), d = (c > 0.f ? sums.slot[0][r].x / c : 0.f) - mean[0];
-        m2 += fmaf(c * d, d, sums.slot[0][r].y);
-      }
-      rstd[0] = rsqrtf(m2 / n + p.eps);
-      merged = true;
-    }
-  }
-  if (!merged) {
-    if (!p.rms) {
-      float sum[ROWS];
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        sum[r] = 0.f;
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i)
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) sum[r] += widen<T>(px[r][i], j);
-      }
-      const V total = total_of(cta_total<ROWS>(sum, warps, scratch, 0), 0);
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) mean[r] = component(total, r) / n;
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) opaque(px[r][i]);
-    }
-    float ss[ROWS];
-    if (full)
-      centered_squares(std::true_type{}, ss);
-    else
-      centered_squares(std::false_type{}, ss);
-    const V ss_total = total_of(cta_total<ROWS>(ss, warps, scratch, 1), 1);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) rstd[r] = rsqrtf(component(ss_total, r) / n + p.eps);
-  }
+  for (int r = 0; r < ROWS; ++r) rstd[r] = rsqrtf(component(ss_total, r) / n + p.eps);
   if (t == 0 && base == 0) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {

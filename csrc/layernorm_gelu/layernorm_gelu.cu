@@ -284,14 +284,7 @@ bool launch_fwd_split(const FwdParams& p, int device, cudaStream_t stream) {
   // 16384x4096 110 / 106, 8192x32768 (2 CTAs per row) 442 / 427; but 32768x5120 (5 vectors per
   // thread, 128 threads) 253 / 261, 16384x20480 (5 per thread, 2 CTAs) 538 / 546, 4096x65536 (4
   // CTAs) 466 / 473, 2048x131072 (8 CTAs) 492 / 510. So 3 for full parts over at most 2 CTAs.
-  // LayerNorm rows over a cluster: one exchange of (sum, M2) per row (CHAN in
-  // fwd_split_kernel). DEEPKERN_LNG_FWD_CHAN=0 (tuning): two exchanges (sum, then squares).
-  const char* chan_env = std::getenv("DEEPKERN_LNG_FWD_CHAN");
-  const bool chan = ctas > 1 && !p.rms && !(chan_env && std::atoi(chan_env) == 0);
   auto one_row = [&]() {
-    if (chan)
-      return iters == kSplitIters && ctas <= 2 ? lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH, 3, true>
-                                               : lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH, 0, true>;
     return iters == kSplitIters && ctas <= 2 ? lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH, 3>
                                              : lngelu::fwd_split_kernel<T, PT, kSplitIters, 1, TANH>;
   };
