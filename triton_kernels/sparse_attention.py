@@ -59,6 +59,16 @@ def _count_valid(IDX_ROW, W, BW: tl.constexpr):
 
 
 @triton.jit
+def _list_entry(idx_row, w, n, rev, nb):
+    """Key block of step w over a row's first n - 1 entries (its last, masked entry runs before
+    them): forwards, or backwards when rev, clamped into [0, nb). The forward and dq kernels
+    take odd head chunks backwards, so they start on the blocks the chunk before read last,
+    the likeliest still in L2 (docs/perf-notes/sparse_attention.md, sessions (q) and (r))."""
+    j = tl.load(idx_row + w + rev * (n - 2 - 2 * w))
+    return tl.minimum(tl.maximum(j, 0), nb - 1)
+
+
+@triton.jit
 def _load_kv(K, V, KD, VD, k_base, v_base, stride_ks, stride_vs, j, tt, d, S, kv_row, kv_col,
              BS: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
     """Key block j's K and V tiles [BS, D] and which of its positions lie inside the sequence.
@@ -135,18 +145,15 @@ def _fwd_kernel(
         acc = tl.zeros([HPP * BS, D], dtype=tl.float32)
         m_i = tl.full([HPP * BS], -float("inf"), tl.float32)
         l_i = tl.zeros([HPP * BS], dtype=tl.float32)
-        # The masked block first, then the others: forwards in even head chunks, backwards in
-        # odd ones, which so start on the blocks the chunk before read last (likeliest still in
-        # L2). H100, bench config, given indices, against every chunk forwards with the masked
-        # block last: 32K / 64K / 128K 1732 / 3659 / 7731 -> 1698 / 3521 / 7438 us; DRAM reads
-        # at 128K 6.9 -> 5.1 GB (ncu; .dev/sa_order_ab.py, 2026-11-23 (q)).
+        # The masked block first, then the others in _list_entry's order. H100, bench config,
+        # given indices, against every chunk forwards with the masked block last: 32K / 64K /
+        # 128K 1732 / 3659 / 7731 -> 1698 / 3521 / 7438 us; DRAM reads at 128K 6.9 -> 5.1 GB.
         acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, KD, VD, k_base, v_base, stride_ks,
                                   stride_vs, j_last, tt, d, qpos, S, kv_row, kv_col, qk_scale, n > 0,
                                   BS=BS, MASK=True, CAUSAL=CAUSAL, TMA=TMA)
         rev = (c // HPP) % 2
         for w in range(n - 1):
-            j = tl.load(idx_row + w + rev * (n - 2 - 2 * w))
-            j = tl.minimum(tl.maximum(j, 0), nb - 1)
+            j = _list_entry(idx_row, w, n, rev, nb)
             acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, KD, VD, k_base, v_base, stride_ks,
                                       stride_vs, j, tt, d, qpos, S, kv_row, kv_col, qk_scale, True,
                                       BS=BS, MASK=False, CAUSAL=CAUSAL, TMA=TMA)
@@ -218,18 +225,16 @@ def _dq_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
         tl.store(DELTA + row, delta, mask=qval)
         lse = tl.load(LSE + row, mask=qval, other=float("inf"))
-        # As the forward: the masked block first, odd head chunks walk the list backwards.
-        # H100, bench config, whole backward on given indices against forwards with the masked
-        # block last, 2 paired rounds: 64K 13.19-13.69 -> 12.55-12.83 ms, 128K 27.36-27.84 ->
-        # 25.93-26.76 ms; dk/dv the same bits, dq within 6e-4 (.dev/sa_dq_ab.py, 2026-11-23 (q)).
+        # As the forward: the masked block first, then _list_entry's order. H100, bench config,
+        # whole backward on given indices against forwards with the masked block last, 2 paired
+        # rounds: 64K 13.19-13.69 -> 12.55-12.83 ms, 128K 27.36-27.84 -> 25.93-26.76 ms.
         dq = tl.zeros([HPP * BS, D], dtype=tl.float32)
         dq = _dq_step(q, do, dq, lse, delta, K, V, KD, VD, k_base, v_base, stride_ks, stride_vs,
                       j_last, tt, d, qpos, S, kv_row, kv_col, qk_scale, n > 0,
                       BS=BS, MASK=True, CAUSAL=CAUSAL, TMA=TMA)
         rev = (c // HPP) % 2
         for w in range(n - 1):
-            j = tl.load(idx_row + w + rev * (n - 2 - 2 * w))
-            j = tl.minimum(tl.maximum(j, 0), nb - 1)
+            j = _list_entry(idx_row, w, n, rev, nb)
             dq = _dq_step(q, do, dq, lse, delta, K, V, KD, VD, k_base, v_base, stride_ks, stride_vs,
                           j, tt, d, qpos, S, kv_row, kv_col, qk_scale, True,
                           BS=BS, MASK=False, CAUSAL=CAUSAL, TMA=TMA)
